@@ -1,0 +1,226 @@
+"""The driver of a certification run: validate, plan, resume, schedule, aggregate, write the table.
+
+``certify_run`` is the one entry point: the ``densepure certify`` command, the three jobs in
+``jobs/`` and the tests all call it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable
+
+import pandas as pd
+
+from pipeline import storage
+from pipeline.aggregate import Aggregator, table_from_units
+from pipeline.config import RunConfig, differing_fields
+from pipeline.errors import UserError
+from pipeline.plan import plan_units
+from pipeline.rundir import FORMAT_VERSION, RunDir
+from workers.worker import ModelSpec
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports back to its caller."""
+
+    out: str
+    units_total: int
+    units_skipped: int
+    units_run: int
+    table: pd.DataFrame
+    seconds: float
+    workers: int
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("densepure-pipeline")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def model_spec(config: RunConfig) -> ModelSpec:
+    return ModelSpec(
+        dataset=config.dataset,
+        classifier=config.classifier,
+        denoiser=config.denoiser,
+        model_flags=config.model_flags,
+        device=config.device,
+        batch_size=config.batch_size,
+        precision=config.precision,
+        compile=config.compile,
+        needs_denoiser=any(m != "cohen" for m in config.methods),
+    )
+
+
+def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """Everything that can fail on bad input, checked on the driver before any GPU time.
+
+    Returns the selected (image_id, label) pairs and the model descriptions (with sha256) for
+    the manifest. The models are loaded once on the driver's CPU so that a wrong checkpoint,
+    flags file or classifier directory fails here with one line, not on a GPU node.
+    """
+    from pipeline.data import load_dataset, select_indices
+    from workers.models import describe_source, load_classifier, load_denoiser
+
+    config.validate()
+    storage.check_access(config.out)
+    dataset = load_dataset(config.dataset)
+    ids = select_indices(len(dataset), config.skip, config.max_images, config.every, config.indices)
+    if not ids:
+        raise UserError(f"no images selected from {config.dataset} ({len(dataset)} images): check --skip/--max/--every/--indices")
+    images = [(i, int(dataset.label(i))) for i in ids]
+    classifier = load_classifier(config.classifier)
+    models: dict[str, Any] = {"classifier": describe_source(config.classifier)}
+    if classifier.num_classes < dataset.num_classes:
+        raise UserError(
+            f"classifier {config.classifier} has {classifier.num_classes} classes but {config.dataset} has "
+            f"{dataset.num_classes}: use a classifier trained for this dataset"
+        )
+    spec = model_spec(config)
+    if spec.needs_denoiser:
+        denoiser = load_denoiser(config.denoiser, config.model_flags)
+        if denoiser.in_channels != dataset.image_shape[0] or denoiser.image_size != dataset.image_shape[-1]:
+            raise UserError(
+                f"denoiser {config.denoiser} takes {denoiser.in_channels}x{denoiser.image_size}x{denoiser.image_size} images "
+                f"but {config.dataset} has {'x'.join(map(str, dataset.image_shape))}: use the denoiser trained at this resolution"
+            )
+        models["denoiser"] = describe_source(config.denoiser, config.model_flags)
+    log(f"preflight ok: {len(images)} images from {config.dataset}, models loaded")
+    return images, models
+
+
+def _open_run(config: RunConfig, log: Log) -> tuple[RunDir, dict[str, Any] | None]:
+    """Resume, refuse, or clear the run folder at ``config.out``."""
+    run = RunDir(config.out)
+    if not run.has_manifest():
+        return run, None
+    previous = run.read_manifest()
+    if config.overwrite:
+        log(f"--overwrite: removing the previous run at {config.out}")
+        run.clear()
+        return run, None
+    diff = differing_fields(previous.get("config", {}), config.to_dict())
+    if diff:
+        raise UserError(
+            f"{config.out} holds a run with a different configuration (differs in: {', '.join(diff)}); "
+            "use another --out, or --overwrite to replace it"
+        )
+    return run, previous
+
+
+def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = None) -> RunSummary:
+    """Certify every selected image under every (sigma, method, votes), resuming if possible."""
+    from pipeline.pool import ElasticPool, connect
+
+    started = time.time()
+    images, models = preflight(config, log)
+    run, previous = _open_run(config, log)
+    units = plan_units(config, images)
+    logged = run.read_units() if previous is not None else None
+    done = set(logged["unit_id"]) if logged is not None else set()
+    todo = [u for u in units if u.unit_id not in done]
+    skipped = len(units) - len(todo)
+    if previous is not None:
+        log(f"resuming {config.out}: {skipped} of {len(units)} units already done, {len(todo)} to run")
+
+    manifest = {
+        "format": FORMAT_VERSION,
+        "run_id": (previous or {}).get("run_id", uuid.uuid4().hex[:12]),
+        "status": "running",
+        "config": config.to_dict(),
+        "fingerprint": config.fingerprint(),
+        "models": models,
+        "package_version": package_version(),
+        "created_at": (previous or {}).get("created_at", _now()),
+        "updated_at": _now(),
+        "units_total": len(units),
+        "units_done": skipped,
+        "images_total": len(images),
+        "attempts": int((previous or {}).get("attempts", 0)) + 1,
+        "cost": _cost(logged),
+        "error": None,
+    }
+    run.write_manifest(manifest)
+
+    workers = 0
+    if todo:
+        connect(ray_address)
+        aggregator = Aggregator(run, done)
+        progress = _Progress(len(units), skipped, config.progress)
+        pool = ElasticPool(model_spec(config), config.workers, config.max_workers, config.max_retries)
+        log(f"running {len(todo)} units on {'GPU' if pool.gpu else 'CPU'} workers")
+
+        def on_result(record: dict[str, Any]) -> None:
+            if aggregator.add(record):
+                progress.update(record, pool.num_workers)
+
+        try:
+            pool.run(todo, on_result, on_tick=lambda: progress.refresh(pool.num_workers))
+        except BaseException as exc:
+            aggregator.flush()
+            manifest.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "stopped",
+                            error=f"{type(exc).__name__}: {exc}"[:2000], updated_at=_now())
+            run.write_manifest(manifest)
+            raise
+        finally:
+            progress.close()
+        aggregator.flush()
+        workers = pool.peak_workers
+
+    logged = run.read_units()
+    table = table_from_units(logged, config.to_dict())
+    run.write_table(table)
+    manifest.update(status="complete", units_done=len(units), updated_at=_now(), cost=_cost(logged))
+    run.write_manifest(manifest)
+    elapsed = time.time() - started
+    log(f"done: {len(table)} rows in {storage.join(config.out, 'certification.parquet')} ({elapsed:.1f} s)")
+    return RunSummary(config.out, len(units), skipped, len(todo), table, elapsed, workers)
+
+
+def _cost(units: pd.DataFrame | None) -> dict[str, float]:
+    """Totals of the unit log: worker busy seconds, network evaluations, draws."""
+    if units is None or len(units) == 0:
+        return {"gpu_seconds": 0.0, "unet_forwards": 0, "classifier_calls": 0, "draws": 0}
+    return {
+        "gpu_seconds": float(units["seconds"].sum()),
+        "unet_forwards": int(units["unet_forwards"].sum()),
+        "classifier_calls": int(units["classifier_calls"].sum()),
+        "draws": int(units["num_draws"].sum()),
+    }
+
+
+class _Progress:
+    """A tqdm bar on the driver: units done/total, draws per second, ETA."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="unit", desc="certify", disable=not enabled, dynamic_ncols=True)
+        self.draws = 0
+        self.start = time.monotonic()
+
+    def update(self, record: dict[str, Any], workers: int) -> None:
+        self.draws += int(record["num_draws"])
+        self.bar.update(1)
+        self.refresh(workers)
+
+    def refresh(self, workers: int) -> None:
+        rate = self.draws / max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix(draws_per_s=f"{rate:.1f}", workers=workers, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+

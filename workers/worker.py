@@ -1,0 +1,101 @@
+"""The actor side of a run: load the models and the data once, then turn work units into counts.
+
+``CertifyWorker`` is a plain class; ``pipeline/pool.py`` wraps it with ``ray.remote`` (one per GPU),
+and tests or a single-process run can use it directly. ``run_unit`` is the pure step both use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.plan import WorkUnit
+from workers.engine import Engine
+from workers.purify import PurifySpec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker loads: model and data sources plus execution settings."""
+
+    dataset: str
+    classifier: str
+    denoiser: str | None = None
+    model_flags: str | None = None
+    device: str = "auto"
+    batch_size: int | None = None
+    precision: str = "fp32"
+    compile: bool = False
+    needs_denoiser: bool = True
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when this process sees a GPU, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no GPU is visible to this worker")
+    return device
+
+
+def build_engine(spec: ModelSpec) -> Engine:
+    """Load the classifier (and denoiser) described by ``spec`` into an Engine."""
+    from workers.models import load_classifier, load_denoiser
+
+    device = resolve_device(spec.device)
+    classifier = load_classifier(spec.classifier, device=device)
+    denoiser = load_denoiser(spec.denoiser, spec.model_flags, device=device) if spec.needs_denoiser and spec.denoiser else None
+    return Engine(classifier, denoiser, device=device, batch_size=spec.batch_size, precision=spec.precision, compile=spec.compile)
+
+
+def run_unit(engine: Engine, image: Any, unit: WorkUnit, worker: str = "local") -> dict[str, Any]:
+    """Compute one unit and return its unit-log record (see ``pipeline/rundir.py``)."""
+    spec = PurifySpec(unit.method, unit.sigma, max(unit.steps, 1), unit.max_votes)
+    result = engine.count(image, spec, unit.draw_seeds(), unit.votes)
+    t_star = engine.purifier(spec).t_star
+    return {
+        "unit_id": unit.unit_id,
+        "image_id": unit.image_id,
+        "label": unit.label,
+        "sigma": unit.sigma,
+        "method": unit.method,
+        "steps": unit.steps,
+        "phase": unit.phase,
+        "start": unit.start,
+        "num_draws": unit.num_draws,
+        "votes": list(unit.votes),
+        "counts": result.counts.tolist(),
+        "t_star": math.nan if t_star is None else float(t_star),
+        "seconds": result.seconds,
+        "unet_forwards": result.unet_forwards,
+        "classifier_calls": result.classifier_calls,
+        "worker": worker,
+        "finished_at": time.time(),
+    }
+
+
+class CertifyWorker:
+    """Loads the models and the dataset once, then runs work units (one instance per GPU)."""
+
+    def __init__(self, spec: ModelSpec):
+        from pipeline.data import load_dataset
+
+        torch.set_grad_enabled(False)
+        self.spec = spec
+        self.engine = build_engine(spec)
+        self.dataset = load_dataset(spec.dataset)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def ready(self) -> str:
+        """Returns once the models are loaded (actor construction is asynchronous in Ray)."""
+        return self.name
+
+    def run(self, unit: WorkUnit) -> dict[str, Any]:
+        image, _ = self.dataset.get(unit.image_id)
+        return run_unit(self.engine, image, unit, self.name)
