@@ -97,8 +97,8 @@ def table_from_units(units: pd.DataFrame, config: dict[str, Any]) -> pd.DataFram
 
 
 def _dtype(column: str) -> str:
-    if column in ("method",):
-        return "object"
+    if column == "method":
+        return "str"  # pandas' string dtype: the same as a Parquet round trip gives back
     if column in ("correct", "abstain"):
         return "bool"
     if column in ("sigma", "alpha", "p_lower", "radius", "t_star", "seconds"):

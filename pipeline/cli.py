@@ -7,31 +7,14 @@ the options with underscores); options given on the command line win over the fi
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 import yaml
 
-from pipeline.errors import UserError
-
-_EXIT_USAGE = 2
-
-
-def handle_user_errors(fn: Callable) -> Callable:
-    """Print a UserError as one line on stderr and exit 2, without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(_EXIT_USAGE)
-
-    return wrapper
+from pipeline.errors import handle_user_errors
+from pipeline.report import export, report, status
 
 
 def _csv(cast: Callable[[str], Any]) -> Callable:
@@ -172,12 +155,6 @@ def main() -> None:
 
 main.add_command(certify)
 main.add_command(purify)
-
-try:  # the analysis commands live beside the analysis code
-    from pipeline.report import export, report, status
-
-    main.add_command(report)
-    main.add_command(status)
-    main.add_command(export)
-except ImportError:  # pragma: no cover - only while pipeline/report.py is absent
-    pass
+main.add_command(report)
+main.add_command(status)
+main.add_command(export)

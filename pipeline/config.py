@@ -61,6 +61,11 @@ class RunConfig:
         """Raise UserError (one line: the problem and the fix) for any invalid option."""
         from pipeline.stats import validate_protocol
 
+        if not self.dataset:
+            raise UserError("no dataset given: pass --data (digits, cifar10:PATH, imagenet:DIR or parquet:FILE)")
+        if not self.classifier:
+            raise UserError("no classifier given: pass --classifier (hf:DIR, torchscript:FILE or digits)")
+
         if not self.methods:
             raise UserError("no method selected: pass --methods with any of cohen,dds,densepure")
         for m in self.methods:
@@ -70,6 +75,9 @@ class RunConfig:
             raise UserError("no sigma given: pass --sigmas, e.g. --sigmas 0.25,0.5")
         for s in self.sigmas:
             validate_protocol(self.n0, self.n, self.alpha, s)
+        if self.n0 > self.n:
+            # Not undefined, but always a mistake: the certificate's strength comes from n alone.
+            raise UserError(f"--n0 {self.n0} is larger than --n {self.n}: selection needs few draws, estimation many (standard: --n0 100 --n 100000)")
         if not self.votes or self.votes[0] < 1:
             raise UserError(f"votes must be >= 1, got {self.votes}: pass --votes, e.g. --votes 1,4")
         if self.steps < 1:

@@ -7,7 +7,8 @@ and resumptions refer to the same images.
 
 Specs accepted by :func:`load_dataset`:
 
-* ``digits`` -- scikit-learn's 8x8 digits, held-out images 1500..1796.
+* ``digits`` -- scikit-learn's 8x8 digits, held-out images 1500..1796 (the
+  bundled demo models in ``workers/digits.py`` train on the first 1500).
 * ``cifar10:PATH`` -- the CIFAR-10 "python version" ``test_batch`` (or the
   folder that holds it), local or on S3. Parsed with a restricted unpickler.
 * ``imagenet:PATH`` -- a folder or S3 prefix of synset subfolders (the
@@ -32,10 +33,6 @@ from pipeline import storage
 from pipeline.errors import NotFoundError, UserError
 
 SPECS_HELP = "use digits, cifar10:PATH, imagenet:PATH or parquet:PATH"
-
-# The digits split is shared with the bundled demo models (workers/digits.py):
-# they are trained on the first 1500 images, so certification uses the rest.
-DIGITS_TRAIN_SIZE = 1500
 
 IMAGENET_SIZE = 256
 # torchvision's ImageFolder extensions, so the same files are picked up.
@@ -112,13 +109,19 @@ class ArrayDataset:
 
 
 def load_digits_heldout() -> ArrayDataset:
-    """scikit-learn digits images 1500..1796 (297 images), reindexed from 0, in [0, 1]."""
-    from sklearn.datasets import load_digits
+    """scikit-learn digits images 1500..1796 (297 images), reindexed from 0, in [0, 1].
 
-    digits = load_digits()
-    images = (digits.images[DIGITS_TRAIN_SIZE:].astype(np.float32) / np.float32(16.0))[:, None, :, :]
-    labels = digits.target[DIGITS_TRAIN_SIZE:].astype(np.int64)
-    return ArrayDataset(name="digits", images=images, labels=labels, num_classes=10)
+    The split comes from the demo models' own loader so data and models cannot drift apart.
+    """
+    from workers.digits import load_digits_data
+
+    _, _, x_test, y_test = load_digits_data()
+    return ArrayDataset(
+        name="digits",
+        images=np.ascontiguousarray(x_test.numpy(), dtype=np.float32),
+        labels=y_test.numpy().astype(np.int64),
+        num_classes=10,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -421,11 +424,7 @@ def load_dataset(spec: str) -> Dataset:
     if kind == "digits":
         if sep:
             raise UserError(f"dataset 'digits' takes no path (got '{spec}'); use plain 'digits'")
-        try:
-            from workers.digits import load_digits_heldout as bundled  # type: ignore[attr-defined]
-        except ImportError:
-            return load_digits_heldout()
-        return bundled()
+        return load_digits_heldout()
     if kind not in ("cifar10", "imagenet", "parquet"):
         raise UserError(f"unknown dataset '{spec}'; {SPECS_HELP}")
     if not path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -40,10 +41,15 @@ class _Actor:
 
 
 def connect(address: str | None = None) -> None:
-    """Connect to the Ray cluster (job submission sets RAY_ADDRESS) or start a local one."""
+    """Connect to the Ray cluster at ``address`` or RAY_ADDRESS (``ray job submit`` sets it);
+    with neither, start a private local instance on the loopback interface (a laptop run)."""
     if ray.is_initialized():
         return
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1", logging_level=logging.WARNING, include_dashboard=False)
 
 
 def use_gpu_actors(device: str, max_workers: int | None) -> bool:
@@ -72,7 +78,7 @@ class ElasticPool:
         self.max_workers = max_workers
         self.max_retries = max_retries
         self.gpu = use_gpu_actors(spec.device, max_workers) if gpu is None else gpu
-        resources = {"num_gpus": 1, "num_cpus": 1} if self.gpu else {"num_cpus": 1}
+        resources = {"num_gpus": 1, "num_cpus": 1} if self.gpu else {"num_cpus": self._cpus_per_cpu_actor()}
         self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **resources)(CertifyWorker)
         self._actors: dict[str, _Actor] = {}
         self._serial = 0
@@ -82,6 +88,21 @@ class ElasticPool:
             self._request_autoscaler(max_workers)
 
     # -- sizing ---------------------------------------------------------------------------
+
+    def _cpus_per_cpu_actor(self) -> int:
+        """CPUs one CPU actor reserves.
+
+        Ray sets an actor's OMP_NUM_THREADS, and so PyTorch's thread count, to the CPUs it
+        reserves. Without ``--workers`` the pool starts one single-CPU actor per CPU, which keeps
+        every core busy; with a fixed worker count the actors share the CPUs instead (up to one
+        node's worth, so that an actor can be placed): one actor on a 2-core machine measured
+        1 thread and half the engine's speed before (BENCHMARKS.md, pipeline overhead).
+        """
+        if self.fixed_workers is None:
+            return 1
+        total = int(ray.cluster_resources().get("CPU", 1))
+        per_node = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        return max(1, min(total // self.fixed_workers, max(per_node, default=1)))
 
     def _request_autoscaler(self, gpus: int) -> None:
         try:

@@ -9,12 +9,9 @@ Tables go to stdout and notes (partial runs, written files) to stderr, so
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import warnings
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import click
 
@@ -29,37 +26,11 @@ from pipeline.analysis import (
     plot_certified_accuracy,
     run_status,
 )
-from pipeline.errors import UserError
+from pipeline.errors import UserError, handle_user_errors
 
-__all__ = ["export", "handle_user_errors", "parse_radii", "report", "status"]
+__all__ = ["export", "parse_radii", "report", "status"]
 
 DEFAULT_RADII = "0 0.25 0.5 0.75 1.0"
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class UserErrorExit(click.ClickException):
-    """A UserError on its way out of click: printed as ``error: <message>``, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
-
-def handle_user_errors(func: F) -> F:
-    """Decorate a click callback so that a UserError ends the command with one line and status 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except UserError as exc:
-            # One line only: a multi-line message would read like a traceback.
-            raise UserErrorExit(" ".join(str(exc).split())) from exc
-
-    return wrapper  # type: ignore[return-value]
-
 
 # --------------------------------------------------------------------------- --radii parsing
 

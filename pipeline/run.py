@@ -51,11 +51,18 @@ def package_version() -> str:
 
 
 def model_spec(config: RunConfig) -> ModelSpec:
+    """What each worker loads. The flags file is read here, on the driver, and travels as a dict:
+    its path need not exist on the worker nodes."""
+    flags = config.model_flags
+    if isinstance(flags, str) and flags:
+        from workers.unet import unet_flags_from_json
+
+        flags = unet_flags_from_json(storage.fetch(flags))
     return ModelSpec(
         dataset=config.dataset,
         classifier=config.classifier,
         denoiser=config.denoiser,
-        model_flags=config.model_flags,
+        model_flags=flags,
         device=config.device,
         batch_size=config.batch_size,
         precision=config.precision,
@@ -81,7 +88,7 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
     if not ids:
         raise UserError(f"no images selected from {config.dataset} ({len(dataset)} images): check --skip/--max/--every/--indices")
     images = [(i, int(dataset.label(i))) for i in ids]
-    classifier = load_classifier(config.classifier)
+    classifier = load_classifier(config.classifier, input_shape=tuple(dataset.image_shape))
     models: dict[str, Any] = {"classifier": describe_source(config.classifier)}
     if classifier.num_classes < dataset.num_classes:
         raise UserError(

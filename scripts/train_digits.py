@@ -48,6 +48,7 @@ from workers.digits import (  # noqa: E402
     DENOISER_FLAGS_FILE,
     DIGITS_UNET_FLAGS,
     NUM_TRAIN,
+    SPLIT_SEED,
     DigitsCNN,
     load_digits_data,
 )
@@ -177,8 +178,10 @@ def train_denoiser(
     model.eval()
 
     t_eval = [50, 100, 250, 500]
-    held_out_raw = _eps_mse(model, x_test, abar, t_eval, time_scale, torch.Generator().manual_seed(seed + 100))
-    held_out_ema = _eps_mse(ema, x_test, abar, t_eval, time_scale, torch.Generator().manual_seed(seed + 100))
+    # Same seed for both, so that the two are scored on identical noise.
+    eval_seed = seed + 100
+    held_out_raw = _eps_mse(model, x_test, abar, t_eval, time_scale, torch.Generator().manual_seed(eval_seed))
+    held_out_ema = _eps_mse(ema, x_test, abar, t_eval, time_scale, torch.Generator().manual_seed(eval_seed))
     summary: dict[str, object] = {
         "flags": flags,
         "train_seconds": seconds,
@@ -224,8 +227,8 @@ def train_classifier(
             opt.step()
         if epoch % 10 == 0 or epoch == cfg.epochs:
             model.eval()
-            print(f"classifier epoch {epoch}/{cfg.epochs} held-out acc {_accuracy(model, x_test, y_test):.4f}",
-                  flush=True)
+            accuracy = _accuracy(model, x_test, y_test)
+            print(f"classifier epoch {epoch}/{cfg.epochs} held-out acc {accuracy:.4f}", flush=True)
             model.train()
     seconds = time.perf_counter() - start
     model.eval()
@@ -245,6 +248,36 @@ def train_classifier(
     return model, summary
 
 
+def one_shot_check(
+    denoiser: nn.Module,
+    classifier: nn.Module,
+    x01: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator,
+    sigmas: tuple[float, ...] = (0.25, 0.5),
+) -> dict[float, tuple[int, float, float]]:
+    """Per sigma: (t*, accuracy on noisy inputs, accuracy after one-shot denoising), one noise draw.
+
+    One-shot denoising as in Carlini et al.: x' = 2(x + delta) - 1, t* the step whose
+    sqrt((1 - abar) / abar) is nearest 2 sigma, x_t = sqrt(abar) x', x0 = (x_t - sqrt(1 - abar) eps)
+    / sqrt(abar) clipped to [-1, 1], then back to [0, 1] for the classifier.
+    """
+    abar64 = torch.tensor(NoiseSchedule.from_name("linear", 1000).alphas_cumprod, dtype=torch.float64)
+    ratio = ((1 - abar64) / abar64).sqrt()
+    results: dict[float, tuple[int, float, float]] = {}
+    with torch.no_grad():
+        for sigma in sigmas:
+            t = int((ratio - 2 * sigma).abs().argmin())
+            a = abar64[t].float()
+            delta = sigma * torch.randn(x01.shape, generator=generator)
+            x_t = a.sqrt() * (2 * (x01 + delta) - 1)
+            eps = denoiser(x_t, torch.full((x01.shape[0],), float(t)))
+            x0 = ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            noisy_acc = _accuracy(classifier, x01 + delta, y)
+            results[sigma] = (t, noisy_acc, _accuracy(classifier, (x0 + 1) / 2, y))
+    return results
+
+
 def _state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
 
@@ -259,6 +292,7 @@ def _model_card(
     cls: dict[str, object],
     sizes: dict[str, int],
     n_test: int,
+    one_shot: dict[float, tuple[int, float, float]],
 ) -> str:
     held_ema = den["held_out_eps_mse_ema"]
     held_raw = den["held_out_eps_mse_raw"]
@@ -277,8 +311,9 @@ def _model_card(
         f"- Seed {seed} for every draw (explicit torch.Generator objects), {threads} CPU thread(s), "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         f"- Data: `sklearn.datasets.load_digits()`, pixel values / 16 -> [0, 1], shape (N, 1, 8, 8). "
-        f"Fixed split without shuffling: images 0..{NUM_TRAIN - 1} train, the remaining {n_test} "
-        "are held out (`workers.digits.load_digits_data`).",
+        f"Fixed split: `torch.randperm(1797, generator=torch.Generator().manual_seed({SPLIT_SEED}))`, "
+        f"first {NUM_TRAIN} train, the remaining {n_test} are held out "
+        "(`workers.digits.digits_split_indices`, `load_digits_data`). Neither model saw a held-out image.",
         "",
         "## Denoiser (`denoiser.safetensors`, flags in `denoiser_flags.json`)",
         "",
@@ -300,7 +335,7 @@ def _model_card(
         "",
         "- `workers.digits.DigitsCNN`: conv3x3(32) - ReLU - conv3x3(64) - ReLU - maxpool2 - "
         "linear(1024->128) - ReLU - linear(128->10); input in [0, 1].",
-        f"- Trained on clean digits"
+        "- Trained on clean digits"
         + (f" with Gaussian noise augmentation std {cls_cfg.noise_std:g}" if cls_cfg.noise_std > 0 else
            " (no noise augmentation, on purpose: Cohen's baseline in the demo is this clean classifier "
            "on noisy inputs)")
@@ -310,6 +345,15 @@ def _model_card(
         f"({n_test} images); held-out with one Gaussian noise draw (no denoising): "
         + ", ".join(f"sigma {s}: {a:.4f}" for s, a in noisy.items())
         + ".",
+        "",
+        "## Does the denoiser help? (one noise draw per held-out image)",
+        "",
+        "Clean classifier on noisy held-out digits vs on the same digits after one-shot denoising "
+        "(Carlini et al.: one network call at the t* whose noise level matches 2 sigma):",
+        "",
+        "| sigma | t* | noisy accuracy | one-shot denoised accuracy |",
+        "|---|---|---|---|",
+        *(f"| {s} | {t} | {a_noisy:.4f} | {a_den:.4f} |" for s, (t, a_noisy, a_den) in one_shot.items()),
         "",
         "## Files",
         "",
@@ -327,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=ASSET_DIR)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the machine is shared)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     d, c = DenoiserTrainConfig(), ClassifierTrainConfig()
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -336,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-res-blocks", type=int, default=d.num_res_blocks)
     parser.add_argument("--classifier-epochs", type=int, default=c.epochs)
     parser.add_argument("--classifier-noise-std", type=float, default=c.noise_std,
-                        help="Gaussian augmentation for the classifier; keep 0 for the demo's clean classifier")
+                        help="Gaussian augmentation std for the classifier; keep 0 for the demo")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -349,17 +393,21 @@ def main(argv: list[str] | None = None) -> int:
     classifier, cls_summary = train_classifier(x_train, y_train, x_test, y_test, cls_cfg, seed=args.seed + 1)
     denoiser, den_summary = train_denoiser(x_train, x_test, den_cfg, seed=args.seed)
 
+    check_gen = torch.Generator().manual_seed(args.seed + 200)
+    one_shot = one_shot_check(denoiser, classifier, x_test, y_test, check_gen)
+
     out: Path = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
     save_file(_state_for_saving(denoiser), str(out / DENOISER_FILE))
     (out / DENOISER_FLAGS_FILE).write_text(json.dumps(den_summary["flags"], indent=1) + "\n")
     save_file(_state_for_saving(classifier), str(out / CLASSIFIER_FILE))
-    sizes = {name: (out / name).stat().st_size for name in (DENOISER_FILE, DENOISER_FLAGS_FILE, CLASSIFIER_FILE)}
+    written = (DENOISER_FILE, DENOISER_FLAGS_FILE, CLASSIFIER_FILE)
+    sizes = {name: (out / name).stat().st_size for name in written}
 
     argv_used = sys.argv[1:] if argv is None else argv
     command = " ".join(["python scripts/train_digits.py", *argv_used])
     card = _model_card(command, den_cfg, cls_cfg, args.seed, args.threads, den_summary, cls_summary, sizes,
-                       n_test=int(x_test.shape[0]))
+                       n_test=int(x_test.shape[0]), one_shot=one_shot)
     (out / "MODEL_CARD.md").write_text(card)
     print(card)
     return 0

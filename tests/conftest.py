@@ -91,12 +91,17 @@ class S3Server:
 
     endpoint: str
     created: list[str] = field(default_factory=list)
+    _client: Any = field(default=None, repr=False)
 
     def client(self) -> Any:
-        """A boto3 S3 client for this endpoint."""
-        import boto3
+        """A boto3 S3 client for this endpoint (cached: creating one takes ~0.3 s)."""
+        if self._client is None:
+            import boto3
 
-        return boto3.session.Session().client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+            self._client = boto3.session.Session().client(
+                "s3", endpoint_url=self.endpoint, region_name="us-east-1"
+            )
+        return self._client
 
     def make_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh unique one when ``name`` is None) and return its name."""
@@ -149,3 +154,98 @@ def s3_bucket(s3_server: S3Server) -> str:
 # ==========================================================================
 # (next section: Ray cluster fixtures)
 # ==========================================================================
+
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayCluster:
+    """A real local Ray head (``ray start --head``) with 2 logical GPUs, for the session."""
+
+    address: str
+    dashboard: str
+    temp_dir: str
+    env: dict = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
+    """``ray start --head --node-ip-address 127.0.0.1`` with logical GPUs, stopped at the end.
+
+    Started after the S3 server so its workers inherit the AWS_* variables. The pytest process
+    connects to it as a driver; ``ray job submit`` reaches it through the dashboard port.
+    """
+    port, dash = _free_port(), _free_port()
+    # Ray's socket paths must stay short: a temp dir directly under /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    # Loopback only, so no token: a shared ~/.ray/auth_token rewritten by another local Ray
+    # instance would otherwise lock this session's drivers out of their own cluster.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Ray swaps 127.0.0.1 for the machine's own address when it connects; this keeps every
+    # connection of the tests (drivers, ray.cluster_utils nodes) on the loopback interface.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    cmd = [
+        "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--num-cpus", "2", "--num-gpus", "2", "--include-dashboard", "true",
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--temp-dir", temp_dir,
+        "--disable-usage-stats",
+    ]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=180)
+    os.environ["PYTHONPATH"] = str(REPO)
+    address = f"127.0.0.1:{port}"
+    try:
+        yield RayCluster(address=address, dashboard=f"http://127.0.0.1:{dash}", temp_dir=temp_dir, env=env)
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run(["ray", "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_driver(ray_cluster: RayCluster) -> Iterator[RayCluster]:
+    """This process connected to the session's Ray head as a driver."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, logging_level=logging.WARNING)
+    yield ray_cluster
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, ray_cluster):
+    """The uninterrupted TINY run on one worker: every other run must give this table."""
+    import ray
+
+    from pipeline.run import certify_run
+    from tests.runs import TINY_UNITS, comparable, quiet, tiny
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, logging_level=logging.WARNING)
+    summary = certify_run(tiny(tmp_path_factory.mktemp("reference"), workers=1), log=quiet)
+    assert summary.units_run == summary.units_total == TINY_UNITS
+    return comparable(summary.table)
+
+
+@pytest.fixture(scope="session")
+def longer_reference(tmp_path_factory, reference):
+    """The uninterrupted LONGER run (two workers: the worker count must not matter)."""
+    from pipeline.run import certify_run
+    from tests.runs import LONGER, comparable, quiet, tiny
+
+    return comparable(certify_run(tiny(tmp_path_factory.mktemp("longer-reference"), workers=2, **LONGER), log=quiet).table)

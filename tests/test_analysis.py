@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import types
 from pathlib import Path
 
 # No hub access: every load must resolve local paths. Set before transformers/diffusers import.
@@ -386,7 +384,7 @@ def test_unknown_schemes_and_missing_paths(tmp_path: Path) -> None:
         _one_line_user_error(e, str(tmp_path / "absent"))
 
 
-def test_s3_sources_go_through_storage_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uri_sources_go_through_storage_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "clf.pt"
     torch.jit.script(_TinyNet(with_attr=True)).save(str(path))
     fetched: list[str] = []
@@ -395,14 +393,16 @@ def test_s3_sources_go_through_storage_fetch(tmp_path: Path, monkeypatch: pytest
         fetched.append(uri)
         return str(path)
 
-    try:
-        import pipeline.storage as storage
+    import pipeline.storage as storage
 
-        monkeypatch.setattr(storage, "fetch", fake_fetch)
-    except ImportError:  # storage is another developer's module; only its fetch() is needed here
-        monkeypatch.setitem(sys.modules, "pipeline.storage", types.SimpleNamespace(fetch=fake_fetch))
+    real_fetch = storage.fetch
+    monkeypatch.setattr(storage, "fetch", fake_fetch)
     assert load_classifier("torchscript:s3://bucket/models/clf.pt").num_classes == 7
     assert fetched == ["s3://bucket/models/clf.pt"]
+
+    # file:// URIs are resolved by the real storage layer.
+    monkeypatch.setattr(storage, "fetch", real_fetch)
+    assert load_classifier(f"torchscript:{path.as_uri()}").num_classes == 7
 
 
 def test_describe_source(vit_dir: Path, tmp_path: Path) -> None:
@@ -425,8 +425,40 @@ def test_describe_source(vit_dir: Path, tmp_path: Path) -> None:
         describe_source("bogus:thing")
 
 
+def test_digits_loaders_read_the_asset_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``digits`` plumbing, on random stand-in assets (the trained ones are tested below)."""
+    import workers.digits as digits
+    from workers.unet import build_openai_unet
+
+    net = build_openai_unet(digits.DIGITS_UNET_FLAGS)
+    _randomize(net, 11)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / digits.DENOISER_FILE))
+    (tmp_path / digits.DENOISER_FLAGS_FILE).write_text(json.dumps(digits.DIGITS_UNET_FLAGS))
+    cnn = digits.DigitsCNN()
+    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(tmp_path / digits.CLASSIFIER_FILE))
+    monkeypatch.setattr(digits, "ASSET_DIR", tmp_path)
+
+    den = load_denoiser("digits")
+    assert (den.in_channels, den.image_size, den.schedule.name, den.learn_sigma) == (1, 8, "linear", False)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(den(x, torch.tensor([5, 500]))[0], net.eval()(x, torch.tensor([5, 500])))
+        clf = load_classifier("digits")
+        torch.testing.assert_close(clf(x.sigmoid()), cnn.eval()(x.sigmoid()))
+    assert clf.num_classes == 10
+    assert set(describe_source("digits")["files"]) == {
+        digits.DENOISER_FILE, digits.DENOISER_FLAGS_FILE, digits.CLASSIFIER_FILE
+    }
+
+    (tmp_path / digits.CLASSIFIER_FILE).unlink()
+    with pytest.raises(UserError) as e:
+        load_classifier("digits")
+    _one_line_user_error(e, digits.CLASSIFIER_FILE, "train_digits.py")
+
+
 @pytest.mark.skipif(
-    not DIGITS_DENOISER.is_file(), reason="workers/assets/digits/denoiser.safetensors not trained yet (workers/digits.py)"
+    not DIGITS_DENOISER.is_file(),
+    reason="workers/assets/digits/denoiser.safetensors absent: run scripts/train_digits.py",
 )
 def test_digits_sources() -> None:
     den = load_denoiser("digits")

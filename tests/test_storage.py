@@ -343,3 +343,23 @@ def test_check_access_local_unwritable(tmp_path) -> None:
     with pytest.raises(UserError, match="cannot write to directory") as info:
         storage.check_access(str(tmp_path / "file" / "sub"))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "code, operation, message",
+    [
+        ("AccessDenied", "PutObject", "access denied (PutObject) on s3://bkt/runs"),
+        ("403", "HeadBucket", "access denied (HeadBucket)"),
+        ("InvalidAccessKeyId", "HeadBucket", "rejected the AWS credentials (InvalidAccessKeyId)"),
+        ("NoSuchBucket", "PutObject", "bucket 'bkt' does not exist"),
+        ("SlowDown", "PutObject", "S3 PutObject on s3://bkt/runs failed (SlowDown)"),
+    ],
+)
+def test_s3_error_translation(code: str, operation: str, message: str) -> None:
+    # moto does not enforce IAM, so denied requests are simulated at the botocore level.
+    from botocore.exceptions import ClientError
+
+    error = ClientError({"Error": {"Code": code, "Message": "x"}}, operation)
+    translated = storage._s3_user_error(error, "s3://bkt/runs", storage.S3Settings(None, "us-east-1"))
+    assert isinstance(translated, UserError) and message in str(translated)
+    assert "\n" not in str(translated)

@@ -224,12 +224,13 @@ def test_timestep_embedding_closed_form() -> None:
         for n, tn in enumerate(t.tolist()):
             for i in range(half):
                 freq = math.exp(-math.log(10000.0) * i / half)
-                assert emb[n, i].item() == pytest.approx(math.cos(tn * freq), abs=1e-5)
-                assert emb[n, half + i].item() == pytest.approx(math.sin(tn * freq), abs=1e-5)
+                assert emb[n, i].item() == pytest.approx(math.cos(tn * freq), abs=1e-4)
+                assert emb[n, half + i].item() == pytest.approx(math.sin(tn * freq), abs=1e-4)
         if dim % 2:
             assert torch.all(emb[:, -1] == 0)
     # Integer timesteps embed exactly like their float values.
-    assert torch.equal(timestep_embedding(torch.tensor([3, 40]), 16), timestep_embedding(torch.tensor([3.0, 40.0]), 16))
+    as_int = timestep_embedding(torch.tensor([3, 40]), 16)
+    assert torch.equal(as_int, timestep_embedding(torch.tensor([3.0, 40.0]), 16))
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -263,7 +264,8 @@ def test_channels_last_and_autocast() -> None:
     with torch.no_grad():
         ref = model(x, t)
         model_cl = model.to(memory_format=torch.channels_last)
-        torch.testing.assert_close(model_cl(x.to(memory_format=torch.channels_last), t), ref, rtol=1e-4, atol=1e-4)
+        out_cl = model_cl(x.to(memory_format=torch.channels_last), t)
+        torch.testing.assert_close(out_cl, ref, rtol=1e-4, atol=1e-4)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x, t)
     assert low.shape == ref.shape

@@ -3,9 +3,12 @@
 Everything here runs offline: the data ship with scikit-learn and the trained weights ship in
 ``workers/assets/digits/`` (made by ``scripts/train_digits.py``; see the MODEL_CARD.md there).
 
-Data split: the first 1500 images of ``sklearn.datasets.load_digits()`` in the order scikit-learn
-returns them are the training set, the remaining 297 the held-out set. There is no shuffling, so
-the split is the same on every machine and needs no seed.
+Data split: a fixed permutation of the 1797 images of ``sklearn.datasets.load_digits()``,
+``torch.randperm(1797, generator=torch.Generator().manual_seed(0))``; its first 1500 entries are
+the training set, the remaining 297 the held-out set (:func:`digits_split_indices`). Shuffled
+rather than cut in scikit-learn's order because that order groups writers: the last 297 images come
+from writers the first 1500 never show, which costs a clean classifier about four points of
+held-out accuracy (94-96% instead of 98%) without telling anything about purification.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ __all__ = [
     "DENOISER_FILE",
     "DENOISER_FLAGS_FILE",
     "DIGITS_UNET_FLAGS",
+    "NUM_IMAGES",
     "NUM_TRAIN",
+    "SPLIT_SEED",
     "DigitsCNN",
+    "digits_split_indices",
     "load_digits_classifier",
     "load_digits_data",
     "load_digits_denoiser",
@@ -38,19 +44,23 @@ DENOISER_FILE = "denoiser.safetensors"
 DENOISER_FLAGS_FILE = "denoiser_flags.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 
-# Images [0, NUM_TRAIN) train the models; [NUM_TRAIN, 1797) are held out for evaluation.
+NUM_IMAGES = 1797
+# The first NUM_TRAIN images of the split permutation train the models; the rest are held out.
 NUM_TRAIN = 1500
+SPLIT_SEED = 0
 
 # OpenAI UNet for 1-channel 8x8 images, named as in script_util. Two levels (8x8, 4x4); the
 # attention flag is a feature-map *resolution* as in script_util ("4" -> the 4x4 level, i.e. a
 # downsampling rate of 8 // 4 = 2), so attention runs in the 4x4 blocks and the middle block.
 # 32 base channels because GroupNorm uses 32 groups. Epsilon-only output on the linear schedule.
+# One res block per level rather than two: it reaches the same training loss (~0.076) here, and
+# its 30% cheaper forward pass matters because DensePure's reverse passes dominate the demo's time.
 DIGITS_UNET_FLAGS: dict[str, Any] = {
     "image_size": 8,
     "in_channels": 1,
     "num_channels": 32,
     "channel_mult": "1,2",
-    "num_res_blocks": 2,
+    "num_res_blocks": 1,
     "attention_resolutions": "4",
     "num_heads": 4,
     "num_head_channels": 16,
@@ -93,11 +103,21 @@ class DigitsCNN(nn.Module):
         return self.fc2(h)
 
 
+def digits_split_indices() -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into scikit-learn's digits of the training (1500) and held-out (297) images.
+
+    The fixed permutation described in the module docstring; the same on every machine.
+    """
+    perm = torch.randperm(NUM_IMAGES, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    return perm[:NUM_TRAIN], perm[NUM_TRAIN:]
+
+
 def load_digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as ``(x_train, y_train, x_test, y_test)``.
 
     Images are float32 of shape (N, 1, 8, 8) scaled from 0..16 into [0, 1]; labels are int64.
-    Fixed split without shuffling: the first 1500 images train, the other 297 are held out.
+    Split by :func:`digits_split_indices`: 1500 training images, 297 held out, held-out images in
+    permutation order (so ``x_test[:50]`` is a fixed, class-mixed subset).
     """
     # Imported here so that importing this module stays cheap for workers that only need the
     # network definitions.
@@ -106,7 +126,10 @@ def load_digits_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     digits = load_digits()
     images = torch.from_numpy((np.asarray(digits.images, dtype=np.float32) / 16.0)[:, None])
     labels = torch.from_numpy(np.asarray(digits.target, dtype=np.int64))
-    return images[:NUM_TRAIN], labels[:NUM_TRAIN], images[NUM_TRAIN:], labels[NUM_TRAIN:]
+    if images.shape[0] != NUM_IMAGES:
+        raise RuntimeError(f"expected {NUM_IMAGES} digits from scikit-learn, got {images.shape[0]}")
+    train, test = digits_split_indices()
+    return images[train], labels[train], images[test], labels[test]
 
 
 def load_digits_denoiser(asset_dir: str | Path = ASSET_DIR) -> tuple[UNetModel, dict[str, Any]]:

@@ -23,6 +23,18 @@ if TYPE_CHECKING:
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Images per network batch on CPU when none is given: about CPU_BATCH_PIXELS pixels per batch,
+# so 32 CIFAR-10 images, 512 digits, 1 ImageNet image (then K copies of one draw). Measured on a
+# 2-core EPYC (BENCHMARKS.md, "CPU batch size"): the CIFAR-10 UNet ran about 40% more images/s at
+# 8-32 images than at 128 (its activations stay in cache), while the tiny digits UNet needs
+# hundreds of images per call to amortise its per-layer overhead.
+CPU_BATCH_PIXELS = 32 * 32 * 32
+CPU_MAX_BATCH = 1024
+# The automatic CUDA batch size: probe batch sizes, share of the free memory used, upper bound.
+_PROBE_BATCHES = (2, 6)
+_MEMORY_FRACTION = 0.8
+_MAX_AUTO_BATCH = 2048
+
 
 @dataclass
 class CountResult:
@@ -58,8 +70,49 @@ def majority_votes(labels: torch.Tensor, vote_counts: Sequence[int], num_classes
     return torch.stack(out)
 
 
+def cpu_batch_size(image_shape: Sequence[int]) -> int:
+    """The CPU default: about ``CPU_BATCH_PIXELS`` pixels per network batch, in [1, CPU_MAX_BATCH]."""
+    pixels = int(image_shape[-1]) * int(image_shape[-2])
+    return max(1, min(CPU_MAX_BATCH, CPU_BATCH_PIXELS // max(pixels, 1)))
+
+
+def fit_batch(probes: Sequence[tuple[int, float]], free_bytes: float,
+              fraction: float = _MEMORY_FRACTION, cap: int = _MAX_AUTO_BATCH) -> int:
+    """Images per batch that fit in ``fraction`` of ``free_bytes``, from two probe passes.
+
+    ``probes`` = [(images, peak bytes), (images, peak bytes)]: the peak is modelled as
+    constant + slope x images (the constant holds workspaces and autocast's weight copies, which
+    a single probe would wrongly charge to every image). The result is in [1, cap].
+    """
+    (n1, p1), (n2, p2) = probes
+    slope = (p2 - p1) / (n2 - n1)
+    if slope <= 0:  # allocator rounding swallowed the difference: charge the whole peak per image
+        slope = p2 / n2
+    constant = max(0.0, p2 - slope * n2)
+    fit = int((free_bytes * fraction - constant) / max(slope, 1.0))
+    return max(1, min(fit, cap))
+
+
 class Engine:
-    """Counts smoothed-classifier decisions for one image at a time, in batches of draws."""
+    """Counts smoothed-classifier decisions for one image at a time, in batches of draws.
+
+    Speed (see BENCHMARKS.md for the measurements behind each default):
+
+    - everything runs under ``torch.inference_mode``; the K votes of a draw share the first
+      network evaluation (``Purifier``), and draws x votes go through the UNet as one batch;
+    - the scheduler's coefficients are Python floats per step (one timestep per batch), so the
+      schedule never needs a host-to-device copy: only the noise, the images and the counts
+      live on the device, and the counts come back once per ``count`` call;
+    - ``precision`` bf16/fp16 runs the networks under autocast (GroupNorm stays fp32);
+      ``compile`` wraps both networks in ``torch.compile``; ``channels_last`` (default: on for
+      CUDA, off for CPU, where it measured slower for this UNet at the default batch size);
+    - ``batch_size`` counts images per network batch (draws x copies); when not given, the
+      first call picks it (``auto_batch_size``): on CPU from the image size (cache-sized
+      batches measured fastest), on CUDA what fits in free memory according to a probe.
+
+    Results depend only on the draw seeds, the precision and the batch size: the random numbers
+    of a draw come from its own generator in a fixed order whatever the batching (see purify.py).
+    """
 
     def __init__(
         self,
@@ -73,6 +126,8 @@ class Engine:
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         # A classifier is needed to count votes, not to purify (``densepure purify``).
         self.classifier = classifier.to(self.device).eval() if classifier is not None else None
@@ -81,15 +136,22 @@ class Engine:
         self.precision = precision
         if channels_last is None:
             channels_last = self.device.type == "cuda"
+        self.channels_last = bool(channels_last)
+        self.compiled = bool(compile)
+        # The eager modules, kept for the memory probe: probing a compiled module would compile
+        # it for a batch size that is never used again.
+        self._eager: dict[str, torch.nn.Module] = {}
         for name in ("classifier", "denoiser"):
             module = getattr(self, name)
             if module is None:
                 continue
             if channels_last:
                 module.to(memory_format=torch.channels_last)
+            self._eager[name] = module
             if compile:
                 setattr(self, name, torch.compile(module))
-        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 128)
+        # None until the first call tells the image shape (see ``auto_batch_size``).
+        self.batch_size: int | None = batch_size
         self._purifiers: dict[PurifySpec, Purifier] = {}
 
     def purifier(self, spec: PurifySpec) -> Purifier:
@@ -103,16 +165,62 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def draws_per_batch(self, spec: PurifySpec) -> int:
-        """Draws per forward batch, so that draws x copies stays within ``batch_size`` images."""
+    def draws_per_batch(self, spec: PurifySpec, image_shape: Sequence[int] | None = None) -> int:
+        """Draws per forward batch, so that draws x copies stays within ``batch_size`` images.
+
+        Without a given batch size, the first call picks one (``auto_batch_size``) for
+        ``image_shape`` (C, H, W), which is needed then unless the denoiser tells it.
+        """
+        if self.batch_size is None:
+            if image_shape is None and self.denoiser is not None:
+                image_shape = (self.denoiser.in_channels, self.denoiser.image_size, self.denoiser.image_size)
+            if image_shape is None:
+                raise ValueError("the automatic batch size needs the image shape")
+            self.batch_size = self.auto_batch_size(tuple(image_shape))
         return max(1, self.batch_size // spec.copies)
+
+    def auto_batch_size(self, image_shape: tuple[int, ...]) -> int:
+        """Images per network batch for images of ``image_shape`` (C, H, W) on this device.
+
+        CPU: ``cpu_batch_size``. CUDA: what fits in the free memory. Two probe passes
+        (denoiser, then classifier, as in ``count``) at ``_PROBE_BATCHES`` images give the peak
+        memory as constant + slope x images; the batch is what fits in ``_MEMORY_FRACTION`` of
+        the free memory (plus what PyTorch's allocator holds cached), capped at
+        ``_MAX_AUTO_BATCH`` (see ``fit_batch``).
+        """
+        if self.device.type != "cuda":
+            return cpu_batch_size(image_shape)
+        probes = [(n, self._probe_peak(n, image_shape)) for n in _PROBE_BATCHES]
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # What PyTorch's caching allocator holds but does not use is free for our tensors too.
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return fit_batch(probes, free)
+
+    @torch.inference_mode()
+    def _probe_peak(self, n: int, image_shape: tuple[int, ...]) -> float:
+        """Peak bytes above the current allocation of one denoiser + classifier pass on n images."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        x = torch.rand(n, *image_shape, device=dev)
+        with self._autocast():
+            denoiser = self._eager.get("denoiser")
+            if denoiser is not None:
+                t = torch.full((n,), denoiser.schedule.T // 2, device=dev, dtype=torch.long)
+                denoiser(2.0 * x - 1.0, t)
+            classifier = self._eager.get("classifier")
+            if classifier is not None:
+                classifier(x)
+        torch.cuda.synchronize(dev)
+        return float(torch.cuda.max_memory_allocated(dev) - base)
 
     @torch.inference_mode()
     def purify(self, image: torch.Tensor | np.ndarray, spec: PurifySpec, seeds: Sequence[int]) -> torch.Tensor:
         """Purified copies of one image, one draw per seed: (len(seeds), copies, C, H, W)."""
         x = torch.as_tensor(image, dtype=torch.float32, device=self.device)
         purifier = self.purifier(spec)
-        step = self.draws_per_batch(spec)
+        step = self.draws_per_batch(spec, tuple(x.shape))
         outs = []
         for lo in range(0, len(seeds), step):
             chunk = seeds[lo : lo + step]
@@ -141,7 +249,7 @@ class Engine:
         x = torch.as_tensor(image, dtype=torch.float32, device=self.device)
         purifier = self.purifier(spec)
         counts = torch.zeros(len(vote_counts), self.num_classes, dtype=torch.int64, device=self.device)
-        step = self.draws_per_batch(spec)
+        step = self.draws_per_batch(spec, tuple(x.shape))
         classifier_calls = 0
         for lo in range(0, len(seeds), step):
             chunk = seeds[lo : lo + step]

@@ -10,7 +10,7 @@ classifiers
     ``hf:DIR`` (a transformers image-classification model with its image processor config),
     ``torchscript:FILE`` (a scripted module taking [0,1] images), ``digits`` (the bundled demo).
 
-PATH/DIR may be ``s3://`` URIs; they are copied locally by ``pipeline.storage.fetch`` first.
+PATH/DIR may be ``s3://`` (or ``file://``) URIs; ``pipeline.storage.fetch`` copies them locally first.
 Every loader returns a module in eval mode with gradients off, on the requested device. Every
 problem the user can fix raises ``pipeline.errors.UserError`` with a one-line message.
 """
@@ -48,8 +48,11 @@ def _split(source: str) -> tuple[str, str]:
 
 
 def _local(path: str) -> str:
-    """A local path for ``path``, fetching s3:// URIs first (imported lazily: only S3 runs need it)."""
-    if path.startswith("s3://"):
+    """A local path for ``path``: URIs (s3://, file://) go through ``pipeline.storage.fetch``.
+
+    Imported lazily because storage pulls in pyarrow/pandas, which plain local loads do not need.
+    """
+    if "://" in path:
         from pipeline.storage import fetch
 
         return str(fetch(path))
@@ -77,7 +80,9 @@ def _require_file(path: str, what: str) -> Path:
 def _digits_asset(asset_dir: str | Path, name: str) -> Path:
     path = Path(asset_dir) / name
     if not path.is_file():
-        raise UserError(f"the bundled digits model file {path} is missing: train the demo models (workers/digits.py)")
+        raise UserError(
+            f"the bundled digits model file {path} is missing: train the demo models (python scripts/train_digits.py)"
+        )
     return path
 
 
@@ -182,10 +187,10 @@ def load_denoiser(source: str, model_flags: str | dict | None = None, device: De
             raise UserError("diffusers: needs a directory: use diffusers:DIR")
         return _finish(_load_diffusers(_local(rest)), device)
     if scheme == "digits" and not rest:
-        from workers.digits import ASSET_DIR
+        from workers.digits import ASSET_DIR, DENOISER_FILE, DENOISER_FLAGS_FILE
 
-        ckpt = _digits_asset(ASSET_DIR, "denoiser.safetensors")
-        flags = _digits_asset(ASSET_DIR, "denoiser_flags.json")
+        ckpt = _digits_asset(ASSET_DIR, DENOISER_FILE)
+        flags = _digits_asset(ASSET_DIR, DENOISER_FLAGS_FILE)
         return _finish(_load_openai(str(ckpt), str(flags)), device)
     raise UserError(f"unknown denoiser source {source!r}: {DENOISER_SCHEMES}")
 
@@ -450,7 +455,9 @@ def _hf_geometry(proc: Any, path: Path) -> tuple[tuple[int, int] | int | None, t
         elif _field(spec, "shortest_edge") is not None:
             size = int(_field(spec, "shortest_edge"))
         else:
-            raise UserError(f"{path}/preprocessor_config.json: unsupported size {spec!r}: use height/width or shortest_edge")
+            raise UserError(
+                f"{path}/preprocessor_config.json: unsupported size {spec!r}: use height/width or shortest_edge"
+            )
     crop = None
     if getattr(proc, "do_center_crop", False):
         spec = getattr(proc, "crop_size", None)
@@ -517,16 +524,13 @@ def _load_torchscript(path: str, input_shape: tuple[int, int, int] | None) -> Cl
 
 def _load_digits_classifier() -> Classifier:
     """The bundled 8x8 digits CNN (input (N,1,8,8) in [0,1], no preprocessing)."""
-    from safetensors.torch import load_file
+    from workers.digits import ASSET_DIR, CLASSIFIER_FILE, load_digits_classifier
 
-    from workers.digits import ASSET_DIR, DigitsCNN
-
-    file = _digits_asset(ASSET_DIR, "classifier.safetensors")
-    net = DigitsCNN()
+    file = _digits_asset(ASSET_DIR, CLASSIFIER_FILE)
     try:
-        net.load_state_dict(load_file(str(file)), strict=True)
-    except Exception as exc:
-        raise UserError(f"cannot load {file}: {_first_line(exc)}") from exc
+        net = load_digits_classifier(ASSET_DIR)  # strict safetensors load
+    except Exception as exc:  # corrupt or stale asset: retraining fixes it
+        raise _wrap(exc, file, "cannot load") from exc
     return Classifier(net, 10)
 
 

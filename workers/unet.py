@@ -48,6 +48,7 @@ __all__ = [
     "build_openai_unet",
     "diffusion_settings",
     "load_openai_checkpoint",
+    "qkv_attention",
     "resolve_unet_flags",
     "timestep_embedding",
     "unet_config_from_flags",
@@ -566,7 +567,8 @@ class AttentionBlock(nn.Module):
         else:
             if num_head_channels < 1 or channels % num_head_channels != 0:
                 raise ValueError(
-                    f"{channels} attention channels are not divisible by num_head_channels {num_head_channels}"
+                    f"{channels} attention channels are not divisible by "
+                    f"num_head_channels {num_head_channels}"
                 )
             self.num_heads = channels // num_head_channels
         self.legacy_order = not use_new_attention_order
@@ -622,7 +624,8 @@ class UNetModel(nn.Module):
             return AttentionBlock(ch, heads, cfg.num_head_channels, cfg.use_new_attention_order)
 
         ch = first_ch = int(cfg.channel_mult[0] * cfg.model_channels)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        stem = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(stem)])
         # Widths of every encoder output, consumed in reverse by the decoder's skip connections.
         skip_widths = [ch]
         ds = 1
@@ -788,7 +791,9 @@ def unet_flags_from_json(path: str | os.PathLike[str]) -> dict[str, Any]:
     if isinstance(data, dict) and isinstance(data.get("flags"), dict):
         data = data["flags"]
     if not isinstance(data, dict):
-        raise ValueError(f"model flags file {path} must hold a JSON object of flags (or {{\"flags\": {{...}}}})")
+        raise ValueError(
+            f"model flags file {path} must hold a JSON object of flags (or {{\"flags\": {{...}}}})"
+        )
     try:
         _check_known(data)
     except ValueError as exc:
@@ -816,10 +821,14 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     elif ext in (".pt", ".pth"):
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
+        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError,
+                ValueError) as exc:
             raise ValueError(f"could not read checkpoint {path}: {_first_line(exc)}") from None
     else:
-        raise ValueError(f"unsupported checkpoint file type {ext or '(none)'!r} for {path}: use .pt, .pth or .safetensors")
+        raise ValueError(
+            f"unsupported checkpoint file type {ext or '(none)'!r} for {path}: "
+            "use .pt, .pth or .safetensors"
+        )
 
     # Training scripts sometimes wrap the weights; OpenAI's released files are bare state dicts.
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):

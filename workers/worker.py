@@ -27,7 +27,7 @@ class ModelSpec:
     dataset: str
     classifier: str
     denoiser: str | None = None
-    model_flags: str | None = None
+    model_flags: dict | str | None = None
     device: str = "auto"
     batch_size: int | None = None
     precision: str = "fp32"
@@ -44,12 +44,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def build_engine(spec: ModelSpec) -> Engine:
-    """Load the classifier (and denoiser) described by ``spec`` into an Engine."""
+def build_engine(spec: ModelSpec, image_shape: tuple[int, int, int] | None = None) -> Engine:
+    """Load the classifier (and denoiser) described by ``spec`` into an Engine.
+
+    ``image_shape`` (C,H,W) of the data lets a TorchScript classifier report its class count.
+    """
     from workers.models import load_classifier, load_denoiser
 
     device = resolve_device(spec.device)
-    classifier = load_classifier(spec.classifier, device=device)
+    classifier = load_classifier(spec.classifier, device=device, input_shape=image_shape)
     denoiser = load_denoiser(spec.denoiser, spec.model_flags, device=device) if spec.needs_denoiser and spec.denoiser else None
     return Engine(classifier, denoiser, device=device, batch_size=spec.batch_size, precision=spec.precision, compile=spec.compile)
 
@@ -88,8 +91,8 @@ class CertifyWorker:
 
         torch.set_grad_enabled(False)
         self.spec = spec
-        self.engine = build_engine(spec)
         self.dataset = load_dataset(spec.dataset)
+        self.engine = build_engine(spec, tuple(self.dataset.image_shape))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def ready(self) -> str:

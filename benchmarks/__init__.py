@@ -1,0 +1,1 @@
+"""Speed benchmarks of the certification engine and the Ray pipeline (see BENCHMARKS.md)."""
