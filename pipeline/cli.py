@@ -7,6 +7,7 @@ the options with underscores); options given on the command line win over the fi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,37 @@ import yaml
 
 from pipeline.errors import handle_user_errors
 from pipeline.report import export, report, status
+
+
+class _OneLineErrors:
+    """Usage errors as one line (``error: ... (see 'CMD --help')``), exit status 2, like UserError."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)  # type: ignore[misc]
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)  # type: ignore[misc]
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            message = " ".join(exc.format_message().split())
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(exc, click.UsageError) and ctx else ""
+            click.echo(f"error: {message}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+class Command(_OneLineErrors, click.Command):
+    pass
+
+
+class Group(_OneLineErrors, click.Group):
+    pass
 
 
 def _csv(cast: Callable[[str], Any]) -> Callable:
@@ -46,7 +78,8 @@ def _load_yaml_config(ctx: click.Context, param: click.Parameter, value: str | N
     if not isinstance(data, dict):
         raise click.BadParameter(f"{value} must hold a mapping of option names to values")
     names = {p.name for p in ctx.command.params}
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    # Lists in YAML become the comma lists the options parse.
+    data = {str(k).replace("-", "_"): ",".join(map(str, v)) if isinstance(v, list) else v for k, v in data.items()}
     unknown = sorted(set(data) - names)
     if unknown:
         raise click.BadParameter(f"unknown option(s) in {value}: {', '.join(unknown)}")
@@ -115,7 +148,7 @@ def _run_certify(ray_address: str | None, show_report: bool, **options: Any) -> 
             click.echo(f"plot: {plot}")
 
 
-@click.command("certify")
+@click.command("certify", cls=Command)
 @certify_options
 @handle_user_errors
 def certify(**options: Any) -> None:
@@ -128,7 +161,7 @@ def certify_main(defaults: dict[str, Any], prog_name: str) -> None:
     certify.main(prog_name=prog_name, default_map=defaults)
 
 
-@click.command("purify")
+@click.command("purify", cls=Command)
 @click.option("--denoiser", required=True, help="openai:CKPT (with --model-flags) | diffusers:DIR | digits.")
 @click.option("--model-flags", default=None, help="JSON flags of an openai: checkpoint.")
 @click.option("--sigma", required=True, type=float, help="Smoothing noise level (in [0,1] image scale).")
@@ -147,7 +180,7 @@ def purify(**options: Any) -> None:
     click.echo(run_purify(**options))
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="densepure-pipeline")
 def main() -> None:
     """DensePure certification: randomized smoothing with diffusion purification, on Ray."""
@@ -158,3 +191,7 @@ main.add_command(purify)
 main.add_command(report)
 main.add_command(status)
 main.add_command(export)
+
+
+if __name__ == "__main__":
+    main()

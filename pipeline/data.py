@@ -7,8 +7,8 @@ and resumptions refer to the same images.
 
 Specs accepted by :func:`load_dataset`:
 
-* ``digits`` -- scikit-learn's 8x8 digits, held-out images 1500..1796 (the
-  bundled demo models in ``workers/digits.py`` train on the first 1500).
+* ``digits`` -- the 297 scikit-learn 8x8 digits held out from the bundled demo
+  models' training (a fixed seeded split, ``workers.digits.digits_split_indices``).
 * ``cifar10:PATH`` -- the CIFAR-10 "python version" ``test_batch`` (or the
   folder that holds it), local or on S3. Parsed with a restricted unpickler.
 * ``imagenet:PATH`` -- a folder or S3 prefix of synset subfolders (the
@@ -109,7 +109,7 @@ class ArrayDataset:
 
 
 def load_digits_heldout() -> ArrayDataset:
-    """scikit-learn digits images 1500..1796 (297 images), reindexed from 0, in [0, 1].
+    """The 297 held-out scikit-learn digits (see ``workers.digits``), reindexed from 0, in [0, 1].
 
     The split comes from the demo models' own loader so data and models cannot drift apart.
     """

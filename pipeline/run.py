@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -79,15 +80,29 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
     flags file or classifier directory fails here with one line, not on a GPU node.
     """
     from pipeline.data import load_dataset, select_indices
-    from workers.models import describe_source, load_classifier, load_denoiser
 
     config.validate()
-    storage.check_access(config.out)
     dataset = load_dataset(config.dataset)
     ids = select_indices(len(dataset), config.skip, config.max_images, config.every, config.indices)
     if not ids:
         raise UserError(f"no images selected from {config.dataset} ({len(dataset)} images): check --skip/--max/--every/--indices")
     images = [(i, int(dataset.label(i))) for i in ids]
+    created = not storage.is_s3(config.out) and not os.path.exists(config.out)
+    storage.check_access(config.out)  # before any model is loaded: a bad bucket costs seconds
+    try:
+        models = _check_models(config, dataset)
+    except BaseException:
+        if created and os.path.isdir(config.out) and not os.listdir(config.out):
+            os.rmdir(config.out)  # leave nothing behind for a run that never started
+        raise
+    log(f"preflight ok: {len(images)} images from {config.dataset}, models loaded")
+    return images, models
+
+
+def _check_models(config: RunConfig, dataset: Any) -> dict[str, Any]:
+    """Load the models on the driver's CPU; return their descriptions for the manifest."""
+    from workers.models import describe_source, load_classifier, load_denoiser
+
     classifier = load_classifier(config.classifier, input_shape=tuple(dataset.image_shape))
     models: dict[str, Any] = {"classifier": describe_source(config.classifier)}
     if classifier.num_classes < dataset.num_classes:
@@ -95,8 +110,7 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
             f"classifier {config.classifier} has {classifier.num_classes} classes but {config.dataset} has "
             f"{dataset.num_classes}: use a classifier trained for this dataset"
         )
-    spec = model_spec(config)
-    if spec.needs_denoiser:
+    if any(m != "cohen" for m in config.methods):
         denoiser = load_denoiser(config.denoiser, config.model_flags)
         if denoiser.in_channels != dataset.image_shape[0] or denoiser.image_size != dataset.image_shape[-1]:
             raise UserError(
@@ -104,8 +118,7 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
                 f"but {config.dataset} has {'x'.join(map(str, dataset.image_shape))}: use the denoiser trained at this resolution"
             )
         models["denoiser"] = describe_source(config.denoiser, config.model_flags)
-    log(f"preflight ok: {len(images)} images from {config.dataset}, models loaded")
-    return images, models
+    return models
 
 
 def _open_run(config: RunConfig, log: Log) -> tuple[RunDir, dict[str, Any] | None]:

@@ -821,9 +821,14 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     elif ext in (".pt", ".pth"):
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, OSError,
-                ValueError) as exc:
-            raise ValueError(f"could not read checkpoint {path}: {_first_line(exc)}") from None
+        except pickle.UnpicklingError:
+            # torch's own message suggests weights_only=False: never for a file we did not make.
+            raise ValueError(
+                f"checkpoint {path} holds objects other than tensors and is not loaded (untrusted pickle): "
+                "re-save its state_dict with torch.save or convert it to .safetensors"
+            ) from None
+        except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
+            raise ValueError(f"could not read checkpoint {path} (corrupt or truncated?): {_first_line(exc)}") from None
     else:
         raise ValueError(
             f"unsupported checkpoint file type {ext or '(none)'!r} for {path}: "
