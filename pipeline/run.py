@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
+import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 
@@ -187,7 +190,8 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
                 progress.update(record, pool.num_workers)
 
         try:
-            pool.run(todo, on_result, on_tick=lambda: progress.refresh(pool.num_workers))
+            with _stop_on_sigterm():
+                pool.run(todo, on_result, on_tick=lambda: progress.refresh(pool.num_workers))
         except BaseException as exc:
             aggregator.flush()
             manifest.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "stopped",
@@ -207,6 +211,24 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
     elapsed = time.time() - started
     log(f"done: {len(table)} rows in {storage.join(config.out, 'certification.parquet')} ({elapsed:.1f} s)")
     return RunSummary(config.out, len(units), skipped, len(todo), table, elapsed, workers)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Treat SIGTERM (``ray job stop``, a preempted head) like Ctrl-C: flush finished units and
+    mark the run stopped instead of dying mid-write. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cost(units: pd.DataFrame | None) -> dict[str, float]:

@@ -2,19 +2,30 @@
 
 Sections are self-contained so that several people can add fixtures here:
 
-* S3 (moto server)   -- ``s3_server``
-* (Ray cluster)      -- added separately; it should depend on ``s3_server``
-  (or be started after it) so that Ray workers inherit the AWS_* environment.
+* S3 (moto server)   -- ``s3_server``, ``s3_bucket``
+* Ray                -- ``ray_cluster`` (a ``ray start --head`` on 127.0.0.1, started after the
+  S3 server so that its workers inherit the AWS_* environment), ``ray_driver``
+* Reference runs     -- ``reference``, ``longer_reference``: the uninterrupted tables every
+  pipeline test compares against
 """
 
 from __future__ import annotations
+
+import os
+
+# Read by Ray when it is first imported, so set before any test module imports it. The test
+# cluster listens on loopback only, so it needs no token (a shared ~/.ray/auth_token rewritten
+# by another local Ray instance would otherwise lock drivers out), and Ray must not swap
+# 127.0.0.1 for the machine's own address when connecting (every connection stays on loopback).
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 # ==========================================================================
 # S3: an in-process moto server on 127.0.0.1
 # ==========================================================================
 
 import logging
-import os
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -152,7 +163,7 @@ def s3_bucket(s3_server: S3Server) -> str:
 
 
 # ==========================================================================
-# (next section: Ray cluster fixtures)
+# Ray: a local head on 127.0.0.1, and the reference runs
 # ==========================================================================
 
 import shutil
@@ -190,13 +201,7 @@ def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
     port, dash = _free_port(), _free_port()
     # Ray's socket paths must stay short: a temp dir directly under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    # Loopback only, so no token: a shared ~/.ray/auth_token rewritten by another local Ray
-    # instance would otherwise lock this session's drivers out of their own cluster.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    # Ray swaps 127.0.0.1 for the machine's own address when it connects; this keeps every
-    # connection of the tests (drivers, ray.cluster_utils nodes) on the loopback interface.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [
         "ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--num-cpus", "2", "--num-gpus", "2", "--include-dashboard", "true",
@@ -213,8 +218,38 @@ def ray_cluster(s3_server: S3Server) -> Iterator[RayCluster]:
 
         if ray.is_initialized():
             ray.shutdown()
-        subprocess.run(["ray", "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        _stop_ray_processes(temp_dir.encode(), address.encode())
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_ray_processes(*markers: bytes) -> None:
+    """Stop this session's Ray processes only (``ray stop`` would end every Ray on the machine):
+    those whose command line names our temp dir or GCS address; workers exit with the raylet."""
+    import signal
+    import time
+
+    def ours() -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        cmdline = f.read()
+                except OSError:
+                    continue
+                if any(m in cmdline for m in markers):
+                    pids.append(int(entry))
+        return pids
+
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 1.0)):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + wait
+        while ours() and time.time() < deadline:
+            time.sleep(0.2)
 
 
 @pytest.fixture
