@@ -67,14 +67,18 @@ def _cifar_batch(n: int = 4, bytes_keys: bool = False) -> tuple[dict, np.ndarray
 def test_digits_heldout_split() -> None:
     from sklearn.datasets import load_digits
 
+    from workers.digits import digits_split_indices
+
     ds = load_dataset("digits")
     assert isinstance(ds, Dataset)
     assert len(ds) == 297 and ds.num_classes == 10 and ds.image_shape == (1, 8, 8)
     image, label = ds.get(0)
     assert image.dtype == np.float32 and image.shape == (1, 8, 8)
     raw = load_digits()
-    np.testing.assert_allclose(image[0], raw.images[1500] / 16.0, rtol=1e-6)
-    assert label == raw.target[1500] == ds.label(0)
+    _, held_out = digits_split_indices()  # the demo models' own split: never trained on
+    first = int(held_out[0])
+    np.testing.assert_allclose(image[0], raw.images[first] / 16.0, rtol=1e-6)
+    assert label == raw.target[first] == ds.label(0)
     everything = np.stack([ds.get(i)[0] for i in range(len(ds))])
     assert everything.min() >= 0.0 and everything.max() <= 1.0
     with pytest.raises(UserError, match="out of range"):
