@@ -24,7 +24,8 @@ from workers.unet import (
     unet_flags_from_json,
 )
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "checkpoints"
+# Copies of shared/reference/checkpoints (key names, shapes and flags of OpenAI's released files).
+REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "checkpoints"
 MANIFESTS = [
     "improved-diffusion_cifar10_uncond_50M_500K.json",
     "guided-diffusion_256x256_uncond.json",
