@@ -26,6 +26,7 @@ issue is the diffusion loop (DensePure's ViT/BEiT would add the same cost to bot
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import warnings
@@ -86,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="engine: torch.compile the networks")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's)")
     p.add_argument("--peak-tflops", type=float, help="device peak dense bf16 TFLOP/s for the utilisation (default: table)")
+    p.add_argument("--extra-engine", action="append", default=[], metavar="VARIANT",
+                   help="also time another engine configuration in the same run, e.g. bf16:cl or fp32:cl:compile "
+                        "(tokens: fp32|bf16|fp16, cl|nocl, compile, batch=N); repeatable")
     p.add_argument("--no-reference", action="store_true", help="time the engine only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -98,6 +102,24 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """An extra engine configuration: tokens joined by ':' - a precision (fp32, bf16, fp16),
+    cl / nocl (channels_last), compile, batch=N. E.g. ``bf16:cl``, ``fp32:cl:compile``."""
+    settings: dict[str, Any] = {"precision": None, "channels_last": None, "compile": False, "batch_size": None}
+    for token in filter(None, text.split(":")):
+        if token in ("fp32", "bf16", "fp16"):
+            settings["precision"] = token
+        elif token in ("cl", "nocl"):
+            settings["channels_last"] = token == "cl"
+        elif token == "compile":
+            settings["compile"] = True
+        elif token.startswith("batch="):
+            settings["batch_size"] = int(token.split("=", 1)[1])
+        else:
+            raise SystemExit(f"--extra-engine {text!r}: unknown token {token!r} (use fp32|bf16|fp16, cl|nocl, compile, batch=N)")
+    return settings
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -120,22 +142,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     classifier, denoiser, classifier_what = load_models(args.model, args.seed)
     image = benchmark_image(args.model, denoiser, args.seed)
     facts = FACTS[args.model]
-    precision = args.engine_precision or ("bf16" if device.type == "cuda" else "fp32")
-    channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
+    default_precision = "bf16" if device.type == "cuda" else "fp32"
     ref_fp16 = args.reference_precision == "auto" and facts.reference_fp16 and device.type == "cuda"
     reference = None
     if not args.no_reference:
-        # Built first: it copies the fp32 networks before the engine converts them in place.
+        # Built first: it copies the fp32 networks before an engine converts them in place.
         reference = ReferenceLoop(classifier, denoiser, device, args.sigma, args.steps, args.votes, ref_batch, ref_fp16)
-    engine = Engine(classifier, denoiser, device, batch_size=args.batch_size, precision=precision,
-                    compile=args.compile, channels_last=channels_last)
+    configs = [("engine", {"precision": args.engine_precision, "channels_last": {"auto": None, "on": True, "off": False}[args.channels_last],
+                           "compile": args.compile, "batch_size": args.batch_size})]
+    configs += [(f"engine[{v}]", parse_variant(v)) for v in args.extra_engine]
+    engines: dict[str, Engine] = {}
+    for i, (name, cfg) in enumerate(configs):
+        # Each engine gets its own copy of the networks: engines convert them in place
+        # (memory format, device), and the copies share nothing that one run could change.
+        cls, den = (classifier, denoiser) if i == len(configs) - 1 else (copy.deepcopy(classifier), copy.deepcopy(denoiser))
+        engines[name] = Engine(cls, den, device, batch_size=cfg["batch_size"], precision=cfg["precision"] or default_precision,
+                               compile=cfg["compile"], channels_last=cfg["channels_last"])
     spec = PurifySpec("densepure", args.sigma, args.steps, args.votes)
     seeds = draw_seeds(args.seed, 0, args.sigma, "estimate", 0, draws)
 
-    out: dict[str, Any] = {}
-    sides: dict[str, Callable[[], Any]] = {"engine": lambda: out.__setitem__("engine_counts", engine.count(image, spec, seeds).counts[0].tolist())}
+    counts: dict[str, Any] = {}
+
+    def engine_side(name: str) -> Callable[[], None]:
+        return lambda: counts.__setitem__(name, engines[name].count(image, spec, seeds).counts[0].tolist())
+
+    sides: dict[str, Callable[[], Any]] = {name: engine_side(name) for name in engines}
     if reference is not None:
-        sides["reference"] = lambda: out.__setitem__("reference_counts", reference.count(image, draws, args.seed, args.seed).tolist())
+        sides["reference"] = lambda: counts.__setitem__("reference", reference.count(image, draws, args.seed, args.seed).tolist())
     load_before = load_average()
     warm: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(warmup):
@@ -144,14 +177,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[float]] = {name: [] for name in sides}
     order = list(sides)
     for r in range(repeats):
-        # Alternate who goes first, so a slow drift in machine load hits both sides alike.
+        # Alternate the order, so that a slow drift in machine load hits every side alike.
         for name in order if r % 2 == 0 else order[::-1]:
             times[name].append(_timed(sides[name], device))
     load_after = load_average()
 
     name_of_device = device_name(device)
     peak = peak_flops(name_of_device, args.peak_tflops) if device.type == "cuda" else None
-    per_draw = {"engine": spec.unet_forwards_per_draw(), "reference": args.votes * args.steps}
+    per_draw = {name: spec.unet_forwards_per_draw() for name in engines}
+    per_draw["reference"] = args.votes * args.steps
+
+    def side_figures(name: str) -> dict[str, Any]:
+        med = median(times[name])
+        dps = draws / med
+        fig: dict[str, Any] = {
+            "seconds": [round(t, 4) for t in times[name]],
+            "warmup_seconds": [round(t, 4) for t in warm[name]],
+            "median_seconds": round(med, 4),
+            "draws_per_s": dps,
+            "forwards_per_s": dps * per_draw[name],
+            "counts": counts.get(name),
+        }
+        if facts.flops_per_forward:
+            achieved = dps * per_draw[name] * facts.flops_per_forward
+            fig["tflops"] = achieved / 1e12
+            fig["mfu"] = achieved / peak if peak else None
+        return fig
+
+    def engine_settings(name: str) -> dict[str, Any]:
+        e = engines[name]
+        return {"batch_size_images": e.batch_size, "draws_per_batch": e.draws_per_batch(spec), "precision": e.precision,
+                "channels_last": e.channels_last, "compile": e.compiled, "unet_forwards_per_draw": per_draw[name]}
+
     result: dict[str, Any] = {
         "model": args.model,
         "device": device.type,
@@ -169,37 +226,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_avg_1min_before": round(load_before, 2),
         "load_avg_1min_after": round(load_after, 2),
         **env_facts(),
-        "engine": {
-            "batch_size_images": engine.batch_size,
-            "draws_per_batch": engine.draws_per_batch(spec),
-            "precision": precision,
-            "channels_last": engine.channels_last,
-            "compile": engine.compiled,
-            "unet_forwards_per_draw": per_draw["engine"],
-        },
+        "engine": engine_settings("engine"),
     }
+    for key, value in side_figures("engine").items():
+        result[f"engine_{key}"] = value
     if reference is not None:
-        result["reference"] = {
-            "batch_draws": ref_batch,
-            "precision": reference.precision,
-            "unet_forwards_per_draw": per_draw["reference"],
-        }
-    for name in sides:
-        med = median(times[name])
-        dps = draws / med
-        result[f"{name}_seconds"] = [round(t, 4) for t in times[name]]
-        result[f"{name}_warmup_seconds"] = [round(t, 4) for t in warm[name]]
-        result[f"{name}_median_seconds"] = round(med, 4)
-        result[f"{name}_draws_per_s"] = dps
-        result[f"{name}_forwards_per_s"] = dps * per_draw[name]
-        if facts.flops_per_forward:
-            achieved = dps * per_draw[name] * facts.flops_per_forward
-            result[f"{name}_tflops"] = achieved / 1e12
-            result[f"{name}_mfu"] = achieved / peak if peak else None
-        result[f"{name}_counts"] = out.get(f"{name}_counts")
-    if reference is not None:
+        result["reference"] = {"batch_draws": ref_batch, "precision": reference.precision, "unet_forwards_per_draw": per_draw["reference"]}
+        for key, value in side_figures("reference").items():
+            result[f"reference_{key}"] = value
         result["ratio"] = result["engine_draws_per_s"] / result["reference_draws_per_s"]
         result["ratio_per_repeat"] = [round(r / e, 3) for e, r in zip(times["engine"], times["reference"])]
+    result["variants"] = []
+    for name in list(engines)[1:]:
+        variant = {"name": name, **engine_settings(name), **side_figures(name)}
+        if reference is not None:
+            variant["ratio"] = variant["draws_per_s"] / result["reference_draws_per_s"]
+        result["variants"].append(variant)
     return result
 
 
@@ -210,7 +252,7 @@ def format_table(r: dict[str, Any]) -> str:
         f"load average (1 min) {r['load_avg_1min_before']} before, {r['load_avg_1min_after']} after; "
         f"median of {r['repeats']} after {r['warmup']} warm-up",
         "",
-        f"{'side':<10} {'draws/s':>10} {'forwards/s':>11} {'fwd/draw':>8} {'TFLOP/s':>8} {'MFU':>6}  settings",
+        f"{'side':<16} {'draws/s':>10} {'forwards/s':>11} {'fwd/draw':>8} {'TFLOP/s':>8} {'MFU':>6}  settings",
     ]
     for name in ("engine", "reference"):
         if f"{name}_draws_per_s" not in r:
@@ -221,9 +263,17 @@ def format_table(r: dict[str, Any]) -> str:
                    f"batch {s['batch_draws']} draws, {s['precision']}, one run per vote"
         tflops = f"{r[name + '_tflops']:.3f}" if r.get(name + "_tflops") is not None else "-"
         mfu = f"{100 * r[name + '_mfu']:.1f}%" if r.get(name + "_mfu") is not None else "-"
-        lines.append(f"{name:<10} {r[name + '_draws_per_s']:>10.3f} {r[name + '_forwards_per_s']:>11.2f} "
+        lines.append(f"{name:<16} {r[name + '_draws_per_s']:>10.3f} {r[name + '_forwards_per_s']:>11.2f} "
                      f"{s['unet_forwards_per_draw']:>8} {tflops:>8} {mfu:>6}  {settings}")
-        lines.append(f"{'':<10} seconds: {r[name + '_seconds']}")
+        lines.append(f"{'':<16} seconds: {r[name + '_seconds']}")
+    for v in r.get("variants", []):
+        tflops = f"{v['tflops']:.3f}" if v.get("tflops") is not None else "-"
+        mfu = f"{100 * v['mfu']:.1f}%" if v.get("mfu") is not None else "-"
+        ratio = f", ratio {v['ratio']:.2f}x" if "ratio" in v else ""
+        lines.append(f"{v['name']:<16} {v['draws_per_s']:>10.3f} {v['forwards_per_s']:>11.2f} {v['unet_forwards_per_draw']:>8} "
+                     f"{tflops:>8} {mfu:>6}  batch {v['batch_size_images']} images ({v['draws_per_batch']} draws), "
+                     f"{v['precision']}, channels_last={v['channels_last']}, compile={v['compile']}{ratio}")
+        lines.append(f"{'':<16} seconds: {v['seconds']}")
     if "ratio" in r:
         lines.append(f"\nratio engine/reference draws/s: {r['ratio']:.2f}x (per repeat: {r['ratio_per_repeat']})")
     return "\n".join(lines)

@@ -24,11 +24,12 @@ if TYPE_CHECKING:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Images per network batch on CPU when none is given: about CPU_BATCH_PIXELS pixels per batch,
-# so 32 CIFAR-10 images, 512 digits, 1 ImageNet image (then K copies of one draw). Measured on a
-# 2-core EPYC (BENCHMARKS.md, "CPU batch size"): the CIFAR-10 UNet ran about 40% more images/s at
-# 8-32 images than at 128 (its activations stay in cache), while the tiny digits UNet needs
-# hundreds of images per call to amortise its per-layer overhead.
-CPU_BATCH_PIXELS = 32 * 32 * 32
+# so 16 CIFAR-10 images, 256 digits, 1 ImageNet image (then K copies of one draw). Measured on a
+# 2-core EPYC (BENCHMARKS.md, "CPU batch size"): the CIFAR-10 engine ran 12% more draws/s at 16
+# images than at 32 (the UNet's activations stay in cache: 11.2 images/s per forward at 8, 7.6
+# at 128), while the tiny digits UNet needs hundreds of images per call to amortise its
+# per-layer overhead (best at 512, 256 within 10%).
+CPU_BATCH_PIXELS = 16 * 32 * 32
 CPU_MAX_BATCH = 1024
 # The automatic CUDA batch size: probe batch sizes, share of the free memory used, upper bound.
 _PROBE_BATCHES = (2, 6)
@@ -70,6 +71,29 @@ def majority_votes(labels: torch.Tensor, vote_counts: Sequence[int], num_classes
     return torch.stack(out)
 
 
+def _compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` for one of the engine's networks.
+
+    A ``Denoiser`` is rebuilt around its compiled UNet (sharing the weights) instead of being
+    compiled whole: its forward reads the numpy schedule (``schedule.T``), which dynamo turns
+    into a guarded tensor that then fails under inference_mode ("Guard failed on the same frame
+    it was created", torch 2.13), so ``compile=True`` used to crash on the first batch.
+    """
+    from workers.models import Denoiser
+
+    if isinstance(module, Denoiser):
+        return Denoiser(
+            torch.compile(module.net),
+            module.schedule,
+            learn_sigma=module.learn_sigma,
+            sigma_small=module.sigma_small,
+            rescale_timesteps=module.rescale_timesteps,
+            in_channels=module.in_channels,
+            image_size=module.image_size,
+        )
+    return torch.compile(module)
+
+
 def cpu_batch_size(image_shape: Sequence[int]) -> int:
     """The CPU default: about ``CPU_BATCH_PIXELS`` pixels per network batch, in [1, CPU_MAX_BATCH]."""
     pixels = int(image_shape[-1]) * int(image_shape[-2])
@@ -105,7 +129,8 @@ class Engine:
       live on the device, and the counts come back once per ``count`` call;
     - ``precision`` bf16/fp16 runs the networks under autocast (GroupNorm stays fp32);
       ``compile`` wraps both networks in ``torch.compile``; ``channels_last`` (default: on for
-      CUDA, off for CPU, where it measured slower for this UNet at the default batch size);
+      CUDA; off for CPU, where it measured no faster for the CIFAR-10 UNet at the default batch
+      size, +15% only at 128 images, and 15-20% slower for the digits UNet);
     - ``batch_size`` counts images per network batch (draws x copies); when not given, the
       first call picks it (``auto_batch_size``): on CPU from the image size (cache-sized
       batches measured fastest), on CUDA what fits in free memory according to a probe.
@@ -149,7 +174,7 @@ class Engine:
                 module.to(memory_format=torch.channels_last)
             self._eager[name] = module
             if compile:
-                setattr(self, name, torch.compile(module))
+                setattr(self, name, _compiled(module))
         # None until the first call tells the image shape (see ``auto_batch_size``).
         self.batch_size: int | None = batch_size
         self._purifiers: dict[PurifySpec, Purifier] = {}
