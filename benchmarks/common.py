@@ -28,7 +28,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from workers.models import Classifier, Denoiser  # noqa: E402
-from workers.schedule import NoiseSchedule  # noqa: E402
 from workers.unet import build_openai_unet, diffusion_settings, unet_flags_from_json  # noqa: E402
 
 MODELS = ("cifar10", "imagenet", "digits")
@@ -123,16 +122,7 @@ def openai_denoiser(flags: dict[str, Any], seed: int = 0) -> Denoiser:
     gen = torch.Generator().manual_seed(seed)
     net = build_openai_unet(flags)
     _randomize(net, gen)
-    settings = diffusion_settings(flags)
-    return Denoiser(
-        net.requires_grad_(False),
-        NoiseSchedule.from_name(settings.noise_schedule, settings.diffusion_steps),
-        learn_sigma=settings.learn_sigma,
-        sigma_small=settings.sigma_small,
-        rescale_timesteps=settings.rescale_timesteps,
-        in_channels=net.in_channels,
-        image_size=net.image_size,
-    ).eval()
+    return Denoiser.from_openai(net.requires_grad_(False), diffusion_settings(flags)).eval()
 
 
 def load_models(model: str, seed: int = 0) -> tuple[Classifier, Denoiser, str]:

@@ -82,15 +82,7 @@ def _compiled(module: torch.nn.Module) -> torch.nn.Module:
     from workers.models import Denoiser
 
     if isinstance(module, Denoiser):
-        return Denoiser(
-            torch.compile(module.net),
-            module.schedule,
-            learn_sigma=module.learn_sigma,
-            sigma_small=module.sigma_small,
-            rescale_timesteps=module.rescale_timesteps,
-            in_channels=module.in_channels,
-            image_size=module.image_size,
-        )
+        return module.with_net(torch.compile(module.net))
     return torch.compile(module)
 
 

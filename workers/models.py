@@ -147,6 +147,27 @@ class Denoiser(nn.Module):
         eps, v = torch.split(out, x.shape[1], dim=1)
         return eps, v
 
+    @classmethod
+    def from_openai(cls, net: nn.Module, settings: Any) -> "Denoiser":
+        """Wrap an OpenAI ``UNetModel`` with the diffusion settings of its flags
+        (``workers.unet.diffusion_settings``)."""
+        return cls(
+            net,
+            NoiseSchedule.from_name(settings.noise_schedule, settings.diffusion_steps),
+            learn_sigma=settings.learn_sigma,
+            sigma_small=settings.sigma_small,
+            rescale_timesteps=settings.rescale_timesteps,
+            in_channels=net.in_channels,
+            image_size=net.image_size,
+        )
+
+    def with_net(self, net: nn.Module) -> "Denoiser":
+        """The same denoiser around another network (e.g. a compiled one sharing the weights)."""
+        return Denoiser(
+            net, self.schedule, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
+            rescale_timesteps=self.rescale_timesteps, in_channels=self.in_channels, image_size=self.image_size,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"schedule={self.schedule.name}(T={self.schedule.T}), learn_sigma={self.learn_sigma}, "
@@ -234,15 +255,7 @@ def _load_openai(path: str, model_flags: str | dict) -> Denoiser:
         raise _wrap(exc, ckpt, "cannot load") from exc
     if net.num_classes is not None:
         raise UserError(f"{ckpt} is class-conditional (class_cond): only unconditional models are supported")
-    return Denoiser(
-        net,
-        NoiseSchedule.from_name(settings.noise_schedule, settings.diffusion_steps),
-        learn_sigma=settings.learn_sigma,
-        sigma_small=settings.sigma_small,
-        rescale_timesteps=settings.rescale_timesteps,
-        in_channels=net.in_channels,
-        image_size=net.image_size,
-    )
+    return Denoiser.from_openai(net, settings)
 
 
 def _scheduler_config_path(root: Path) -> Path | None:
