@@ -6,7 +6,8 @@ The pipeline side is ``certify_run`` on a private local Ray instance with ``--wo
 (default 1), a temporary output folder and the bundled digits models; the engine side runs the
 very same work units (``plan_units`` of the same config: same images, sigmas, methods, n0, n,
 seeds) one after the other through ``run_unit`` on an ``Engine`` built like the worker's
-(``build_engine``), in this process. Both sides get one untimed warm-up run first.
+(``build_engine``), in a fresh process per run as the pipeline's actor is (model loading is not
+timed on either side). Both sides get one untimed warm-up run first.
 
 Reported per side (medians of ``--repeats`` runs, alternating which side goes first):
 
@@ -15,7 +16,9 @@ Reported per side (medians of ``--repeats`` runs, alternating which side goes fi
   parquet flushes between units, but not Ray's start, the driver's preflight model loading or
   the actor's model loading, which a long run pays once;
 - ``pipeline_end_to_end_draws_per_s``: draws / the whole ``certify_run`` call (everything);
-- ``engine_draws_per_s``: draws / the engine's total time.
+- ``engine_draws_per_s``: draws / the engine's total time;
+- ``overhead_share``: (window - busy) / window, where busy is the actor's time inside
+  ``Engine.count`` summed over units: the share of the window spent outside the engine.
 
 ``ratio`` = steady pipeline / engine (target >= 0.95). ``counts_identical`` checks that both
 sides produced the same counts (same seeds, same batch size).
@@ -24,12 +27,14 @@ sides produced the same counts (same seeds, same batch size).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +116,27 @@ def _engine_once(config: RunConfig, engine: Any, dataset: Any, units: list) -> d
     return {"draws": sum(u.num_draws for u in units), "total": total, "counts": counts}
 
 
+def _engine_in_fresh_process(config: RunConfig) -> dict[str, Any]:
+    """The engine alone, in a new process like the pipeline's actor (models loaded untimed).
+
+    Each pipeline run gets a fresh actor process, so the engine side gets a fresh process too:
+    on this 2-core machine the speed of the same code differed by up to 15% from one process to
+    the next, and one long-lived process would compare one sample of that against many.
+    """
+    dataset = load_dataset(config.dataset)
+    ids = select_indices(len(dataset), config.skip, config.max_images, config.every, config.indices)
+    units = plan_units(config, [(i, int(dataset.label(i))) for i in ids])
+    engine = build_engine(model_spec(config), tuple(dataset.image_shape))
+    out = _engine_once(config, engine, dataset, units)
+    out["batch_size"] = engine.batch_size
+    return out
+
+
+def _engine_side(config: RunConfig) -> dict[str, Any]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_engine_in_fresh_process, config).result()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from workers.digits import ASSET_DIR, CLASSIFIER_FILE, DENOISER_FILE
 
@@ -135,15 +161,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dataset = load_dataset(probe.dataset)
         ids = select_indices(len(dataset), probe.skip, probe.max_images, probe.every, probe.indices)
         units = plan_units(probe, [(i, int(dataset.label(i))) for i in ids])
-        engine = build_engine(model_spec(probe))
         load_before = load_average()
         for w in range(args.warmup):
-            _engine_once(probe, engine, dataset, units)
+            _engine_side(probe)
             _pipeline_once(_config(args, os.path.join(tmp, f"warmup{w}")))
         pipe: list[dict[str, Any]] = []
         eng: list[dict[str, Any]] = []
         for r in range(args.repeats):
-            sides = [("engine", lambda: eng.append(_engine_once(probe, engine, dataset, units))),
+            sides = [("engine", lambda: eng.append(_engine_side(probe))),
                      ("pipeline", lambda: pipe.append(_pipeline_once(_config(args, os.path.join(tmp, f"run{r}")))))]
             for _, fn in sides if r % 2 == 0 else sides[::-1]:
                 fn()
@@ -172,7 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "n": probe.n,
         "units": len(units),
         "draws_per_run": draws,
-        "engine_batch_size_images": engine.batch_size,
+        "engine_batch_size_images": eng[0]["batch_size"],
         "repeats": args.repeats,
         "warmup": args.warmup,
         "ray_init_seconds": round(ray_seconds, 2),
@@ -188,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pipeline_busy_seconds": [round(p["busy"], 3) for p in pipe],
         "counts_identical": all(p["counts"] == eng[0]["counts"] for p in pipe) and all(e["counts"] == eng[0]["counts"] for e in eng),
     }
+    result["overhead_share"] = median([(p["window"] - p["busy"]) / p["window"] for p in pipe])
     result["ratio"] = result["pipeline_draws_per_s"] / result["engine_draws_per_s"]
     result["ratio_end_to_end"] = result["pipeline_end_to_end_draws_per_s"] / result["engine_draws_per_s"]
     result["ratio_per_repeat"] = [round(s / a, 3) for s, a in zip(steady, alone)]
@@ -207,6 +233,7 @@ def format_table(r: dict[str, Any]) -> str:
         f"pipeline (steady)       {r['pipeline_draws_per_s']:9.1f} draws/s   window  {r['pipeline_window_seconds']}",
         f"pipeline (end to end)   {r['pipeline_end_to_end_draws_per_s']:9.1f} draws/s   total   {r['pipeline_total_seconds']}",
         f"ratio pipeline/engine: steady {r['ratio']:.3f} (per repeat {r['ratio_per_repeat']}), end to end {r['ratio_end_to_end']:.3f}",
+        f"pipeline time outside the engine (window - busy) / window: {100 * r['overhead_share']:.2f}% (median)",
         f"counts identical on both sides: {r['counts_identical']}",
     ])
 

@@ -3,8 +3,8 @@ classifier, device facts (name, peak FLOP/s) and small timing helpers.
 
 The speed of the certification loop is the speed of the diffusion UNet, and that depends on the
 architecture, not on the weights. So ``cifar10`` and ``imagenet`` build the real OpenAI UNets
-from the flag files in ``configs/`` (the flags of the checkpoints DensePure uses) with random
-weights, and check the parameter count against the checkpoint manifests. ``digits`` uses the
+from the flags in the checkpoint manifests in ``configs/checkpoints/`` (the checkpoints DensePure
+uses) with random weights, and check the parameter count against the manifests. ``digits`` uses the
 bundled demo models when they are there (random weights of the same architecture otherwise).
 """
 
@@ -37,30 +37,39 @@ MODELS = ("cifar10", "imagenet", "digits")
 class ModelFacts:
     """What a benchmark needs to know about one model of the paper protocol.
 
-    ``flops_per_forward`` and ``num_parameters`` are copied from the checkpoint manifests
-    (shared/reference/checkpoints/*.json: ``forward_flops_per_image``, counted with
-    torch.utils.flop_counter at batch 1, multiply-add = 2 FLOPs), because the device machine that
-    runs ``benchmarks/gpu.sh`` gets the repository only. ``reference_batch`` is the reference
-    code's ``--certified_batch`` (run_scripts/densepure_{cifar10,imagenet}.sh); ``reference_fp16``
-    says whether the reference runs the UNet torso in fp16 on GPU (guided-diffusion's
-    ``use_fp16: True`` in DensePure's configs/imagenet.yml; the improved-diffusion CIFAR-10 model
-    has no such option and runs in fp32).
+    ``manifest``: the checkpoint manifest in ``configs/checkpoints/`` (flags, parameter count and
+    ``forward_flops_per_image``, counted with torch.utils.flop_counter at batch 1, multiply-add =
+    2 FLOPs). ``reference_batch`` is the reference code's ``--certified_batch``
+    (run_scripts/densepure_{cifar10,imagenet}.sh); ``reference_fp16`` says whether the reference
+    runs the UNet torso in fp16 on GPU (guided-diffusion's ``use_fp16: True`` in DensePure's
+    configs/imagenet.yml; the improved-diffusion CIFAR-10 model has no such option: fp32).
     """
 
     name: str
-    flags_file: str | None
-    num_parameters: int | None
-    flops_per_forward: float | None
+    manifest: str | None
     num_classes: int
     reference_batch: int
     reference_fp16: bool
 
+    def _read(self) -> dict[str, Any]:
+        if self.manifest is None:
+            return {}
+        return json.loads((REPO / self.manifest).read_text())
+
+    @property
+    def num_parameters(self) -> int | None:
+        return self._read().get("num_parameters")
+
+    @property
+    def flops_per_forward(self) -> float | None:
+        return self._read().get("forward_flops_per_image")
+
 
 FACTS: dict[str, ModelFacts] = {
-    "cifar10": ModelFacts("cifar10", "configs/cifar10_uncond_50M_500K.flags.json", 52_546_438, 16_773_414_912.0, 10, 100, False),
-    "imagenet": ModelFacts("imagenet", "configs/imagenet_256x256_diffusion_uncond.flags.json", 552_814_086, 2_239_665_537_024.0, 1000, 16, True),
+    "cifar10": ModelFacts("cifar10", "configs/checkpoints/improved-diffusion_cifar10_uncond_50M_500K.json", 10, 100, False),
+    "imagenet": ModelFacts("imagenet", "configs/checkpoints/guided-diffusion_256x256_uncond.json", 1000, 16, True),
     # The digits demo has no reference run; 100 draws per batch as for CIFAR-10 (small images).
-    "digits": ModelFacts("digits", None, None, None, 10, 100, False),
+    "digits": ModelFacts("digits", None, 10, 100, False),
 }
 
 # Dense bf16 (= fp16) tensor-core peak in FLOP/s, by a substring of torch.cuda.get_device_name().
@@ -130,8 +139,8 @@ def load_models(model: str, seed: int = 0) -> tuple[Classifier, Denoiser, str]:
     facts = FACTS[model]
     if model == "digits":
         return _digits_models(seed)
-    assert facts.flags_file is not None
-    flags = unet_flags_from_json(REPO / facts.flags_file)
+    assert facts.manifest is not None
+    flags = unet_flags_from_json(REPO / facts.manifest)
     denoiser = openai_denoiser(flags, seed)
     params = sum(p.numel() for p in denoiser.parameters())
     if params != facts.num_parameters:

@@ -84,8 +84,8 @@ def test_cuda_batch_size_from_memory_probes() -> None:
     assert fit_batch(probes, 0.1 * gib) == 1  # nothing fits: still one image at a time
     # Equal peaks (allocator rounding): the whole peak is charged per image.
     assert fit_batch([(2, 6 * gib), (6, 6 * gib)], 80 * gib) == int(0.8 * 80 / 1.0)
-    # CPU: the measured defaults, by image size (16 CIFAR-10 images, 256 digits, 1 ImageNet image).
-    assert [cpu_batch_size(s) for s in [(3, 32, 32), (1, 8, 8), (3, 256, 256)]] == [16, 256, 1]
+    # CPU: the measured defaults, by image size (16 CIFAR-10 images, 512 digits, 1 ImageNet image).
+    assert [cpu_batch_size(s) for s in [(3, 32, 32), (1, 8, 8), (3, 256, 256)]] == [16, 512, 1]
     eng = Engine(None, None, "cpu")
     assert eng.batch_size is None and eng.draws_per_batch(PurifySpec("cohen", 0.5), (3, 32, 32)) == 16
     assert eng.batch_size == 16 and eng.draws_per_batch(PurifySpec("densepure", 0.5, 2, 4)) == 4

@@ -23,13 +23,15 @@ if TYPE_CHECKING:
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Images per network batch on CPU when none is given: about CPU_BATCH_PIXELS pixels per batch,
-# so 16 CIFAR-10 images, 256 digits, 1 ImageNet image (then K copies of one draw). Measured on a
-# 2-core EPYC (BENCHMARKS.md, "CPU batch size"): the CIFAR-10 engine ran 12% more draws/s at 16
-# images than at 32 (the UNet's activations stay in cache: 11.2 images/s per forward at 8, 7.6
-# at 128), while the tiny digits UNet needs hundreds of images per call to amortise its
-# per-layer overhead (best at 512, 256 within 10%).
-CPU_BATCH_PIXELS = 16 * 32 * 32
+# Images per network batch on CPU when none is given, from the image's pixel count:
+# 16 x (1024 / pixels) ** 1.25, i.e. 16 CIFAR-10 images (32x32), 512 digits (8x8), 1 ImageNet
+# image (then K copies of one draw). The exponent fits the two optima measured on a 2-core EPYC
+# (BENCHMARKS.md, "CPU batch size"): the CIFAR-10 engine ran 12% more draws/s at 16 images than
+# at 32 (the UNet's activations stay in cache: 11.2 images/s per forward at 8, 7.6 at 128),
+# while the tiny digits UNet needs hundreds of images per call to amortise its per-layer
+# overhead (10% faster at 512 than at 256 or 1024).
+CPU_BATCH_AT_32X32 = 16
+CPU_BATCH_EXPONENT = 1.25
 CPU_MAX_BATCH = 1024
 # The automatic CUDA batch size: probe batch sizes, share of the free memory used, upper bound.
 _PROBE_BATCHES = (2, 6)
@@ -87,9 +89,9 @@ def _compiled(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def cpu_batch_size(image_shape: Sequence[int]) -> int:
-    """The CPU default: about ``CPU_BATCH_PIXELS`` pixels per network batch, in [1, CPU_MAX_BATCH]."""
-    pixels = int(image_shape[-1]) * int(image_shape[-2])
-    return max(1, min(CPU_MAX_BATCH, CPU_BATCH_PIXELS // max(pixels, 1)))
+    """The CPU default for (C, H, W) images: 16 x (1024 / (H W)) ** 1.25, in [1, CPU_MAX_BATCH]."""
+    pixels = max(int(image_shape[-1]) * int(image_shape[-2]), 1)
+    return max(1, min(CPU_MAX_BATCH, round(CPU_BATCH_AT_32X32 * (1024 / pixels) ** CPU_BATCH_EXPONENT)))
 
 
 def fit_batch(probes: Sequence[tuple[int, float]], free_bytes: float,
