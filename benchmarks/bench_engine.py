@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed runs per side first (default 1; 0 for ImageNet on CPU)")
     p.add_argument("--batch-size", type=int, help="engine: images per UNet batch (default: the engine's own)")
     p.add_argument("--reference-batch", type=int, help="reference: draws per batch (default: CIFAR-10 100, ImageNet 16, digits 100)")
-    p.add_argument("--engine-precision", choices=["fp32", "bf16", "fp16"], help="default: fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--engine-precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: auto, the engine's own (bf16 on CUDA and on CPUs with native bf16, else fp32)")
     p.add_argument("--reference-precision", choices=["auto", "fp32"], default="auto",
                    help="auto: the reference's own (fp16 torso for ImageNet on GPU, else fp32)")
     p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto", help="engine (auto: the engine's default)")
@@ -142,7 +143,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     classifier, denoiser, classifier_what = load_models(args.model, args.seed)
     image = benchmark_image(args.model, denoiser, args.seed)
     facts = FACTS[args.model]
-    default_precision = "bf16" if device.type == "cuda" else "fp32"
     ref_fp16 = args.reference_precision == "auto" and facts.reference_fp16 and device.type == "cuda"
     reference = None
     if not args.no_reference:
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Each engine gets its own copy of the networks: engines convert them in place
         # (memory format, device), and the copies share nothing that one run could change.
         cls, den = (classifier, denoiser) if i == len(configs) - 1 else (copy.deepcopy(classifier), copy.deepcopy(denoiser))
-        engines[name] = Engine(cls, den, device, batch_size=cfg["batch_size"], precision=cfg["precision"] or default_precision,
+        engines[name] = Engine(cls, den, device, batch_size=cfg["batch_size"], precision=cfg["precision"] or "auto",
                                compile=cfg["compile"], channels_last=cfg["channels_last"])
     spec = PurifySpec("densepure", args.sigma, args.steps, args.votes)
     seeds = draw_seeds(args.seed, 0, args.sigma, "estimate", 0, draws)

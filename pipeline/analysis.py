@@ -584,6 +584,8 @@ def run_status(run: str) -> dict[str, Any]:
     * ``eta_seconds``: remaining draws / draws_per_second, with total draws =
       images x sigmas x methods x (n0 + n) from the config; falls back to the
       remaining-unit share of elapsed wall time when the config lacks those keys.
+    * ``engines``: the distinct engine settings (device, precision, batch size) of the logged
+      units; more than one means the counts are valid but not reproducible bit for bit.
     * ``accuracy_r0``: certified accuracy at radius 0 on finished images, per group.
     """
     manifest = read_manifest(run)
@@ -617,6 +619,7 @@ def run_status(run: str) -> dict[str, Any]:
         end = float(units["finished_at"].max())
         wall = max(end - start, 0.0)
         workers = int(units["worker"].nunique()) if "worker" in units.columns else 0
+    engines = sorted(units["engine"].dropna().unique().tolist()) if has_log and "engine" in units.columns else []
     draws_per_second = draws_done / wall if wall and draws_done else None
     draws_per_gpu_second = draws_done / gpu_seconds if gpu_seconds > 0 and draws_done else None
 
@@ -664,6 +667,7 @@ def run_status(run: str) -> dict[str, Any]:
         "classifier_calls": classifier_calls,
         "wall_seconds": wall,
         "workers": workers,
+        "engines": engines,
         "draws_per_second": draws_per_second,
         "draws_per_gpu_second": draws_per_gpu_second,
         "eta_seconds": eta,
@@ -707,6 +711,12 @@ def format_status(status: dict[str, Any]) -> str:
         )
     else:
         lines.append("  throughput: unknown (no finished units yet)")
+    engines = s.get("engines") or []
+    if len(engines) == 1:
+        lines.append(f"  engine:     {engines[0]}")
+    elif engines:
+        # Counts stay valid, but a rerun on one setting would not reproduce them bit for bit.
+        lines.append(f"  engine:     MIXED settings across units: {'; '.join(engines)}")
     lines.append(f"  ETA:        {_duration(s['eta_seconds'])}")
     if s.get("updated_at"):
         lines.append(f"  updated:    {s['updated_at']}")

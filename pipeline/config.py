@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.errors import UserError
 
 METHODS = ("cohen", "dds", "densepure")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Fields that only say where or how fast the work runs: they may change between a run and its
 # resumption without changing a single number of the result.
@@ -41,7 +41,7 @@ class RunConfig:
     indices: list[int] | None = None
     chunk: int = 10_000
     batch_size: int | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
     compile: bool = False
     device: str = "auto"
     workers: int | None = None

@@ -43,6 +43,8 @@ UNIT_LOG_SCHEMA = pa.schema(
         ("unet_forwards", pa.int64()),
         ("classifier_calls", pa.int64()),
         ("worker", pa.string()),
+        # The engine settings the counts depend on besides the seeds (Engine.describe()).
+        ("engine", pa.string()),
         ("finished_at", pa.float64()),
     ]
 )

@@ -108,14 +108,16 @@ UNIT_SCHEMA = pa.schema([
     ("method", pa.string()), ("steps", pa.int64()), ("phase", pa.string()), ("start", pa.int64()),
     ("num_draws", pa.int64()), ("votes", pa.list_(pa.int64())), ("counts", pa.list_(pa.list_(pa.int64()))),
     ("t_star", pa.float64()), ("seconds", pa.float64()), ("unet_forwards", pa.int64()),
-    ("classifier_calls", pa.int64()), ("worker", pa.string()), ("finished_at", pa.float64()),
+    ("classifier_calls", pa.int64()), ("worker", pa.string()), ("engine", pa.string()), ("finished_at", pa.float64()),
 ])
 
 
-def _unit(uid: str, image: int, phase: str, start: int, draws: int, counts: list[int], seconds: float, finished: float, worker: str) -> dict:
+def _unit(uid: str, image: int, phase: str, start: int, draws: int, counts: list[int], seconds: float, finished: float, worker: str,
+          engine: str = "cuda bf16 batch 256") -> dict:
     return {"unit_id": uid, "image_id": image, "label": 1, "sigma": 0.25, "method": "cohen", "steps": 0,
             "phase": phase, "start": start, "num_draws": draws, "votes": [1], "counts": [counts], "t_star": 0.0,
-            "seconds": seconds, "unet_forwards": 0, "classifier_calls": draws, "worker": worker, "finished_at": finished}
+            "seconds": seconds, "unet_forwards": 0, "classifier_calls": draws, "worker": worker, "engine": engine,
+            "finished_at": finished}
 
 
 PARTIAL_CONFIG = {"methods": ["cohen"], "sigmas": [0.25], "votes": [1], "steps": 0, "n0": 10, "n": 100, "alpha": 0.001}
@@ -127,7 +129,8 @@ def partial_units() -> list[dict]:
         _unit("i0-sel", 0, "select", 0, 10, [0, 10, 0], 10.0, 100.0, "w1"),
         _unit("i0-est-0", 0, "estimate", 0, 50, [0, 50, 0], 10.0, 110.0, "w1"),
         _unit("i0-est-50", 0, "estimate", 50, 50, [0, 50, 0], 10.0, 120.0, "w2"),
-        _unit("i1-sel", 1, "select", 0, 10, [10, 0, 0], 5.0, 130.0, "w2"),
+        # A worker on another kind of GPU: a different automatic batch size.
+        _unit("i1-sel", 1, "select", 0, 10, [10, 0, 0], 5.0, 130.0, "w2", engine="cuda bf16 batch 96"),
     ]
 
 
@@ -330,6 +333,8 @@ def test_run_status_partial(tmp_path: Path) -> None:
     assert "units:      4/6 (66.7%)" in text and "images:     1/2 (50.0%) finished" in text
     assert "3.0 draws/s" in text and "ETA:        0:00:33" in text
     assert "cohen sigma=0.25 K=1 steps=0: 1.000 (1 images)" in text
+    assert s["engines"] == ["cuda bf16 batch 256", "cuda bf16 batch 96"]
+    assert "MIXED settings across units: cuda bf16 batch 256; cuda bf16 batch 96" in text
 
 
 def test_run_status_complete_without_log(tmp_path: Path) -> None:

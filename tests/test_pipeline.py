@@ -38,6 +38,9 @@ def test_two_workers_give_the_same_table(tmp_path, ray_driver, reference):
     summary = certify_run(tiny(tmp_path, workers=2), log=quiet)
     assert summary.workers == 2
     pd.testing.assert_frame_equal(comparable(summary.table), reference)
+    # Both workers ran with the same settings, which the unit log records ("auto" resolved).
+    engines = set(RunDir(str(tmp_path)).read_units()["engine"])
+    assert len(engines) == 1 and engines.pop().split()[:2] in (["cpu", "fp32"], ["cpu", "bf16"])
 
 
 def test_rerun_resumes_and_recomputes_nothing(tmp_path, ray_driver, reference):

@@ -30,7 +30,7 @@ class ModelSpec:
     model_flags: dict | str | None = None
     device: str = "auto"
     batch_size: int | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
     compile: bool = False
     needs_denoiser: bool = True
 
@@ -79,6 +79,7 @@ def run_unit(engine: Engine, image: Any, unit: WorkUnit, worker: str = "local") 
         "unet_forwards": result.unet_forwards,
         "classifier_calls": result.classifier_calls,
         "worker": worker,
+        "engine": engine.describe(),
         "finished_at": time.time(),
     }
 
