@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="images per UNet batch (default: the engine's own)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--actor-cpus", type=int,
-                   help="override the CPUs each actor reserves (= its thread count), e.g. 1 for the pool's behaviour "
-                        "before BENCHMARKS.md's fix; default: the pool's own choice")
+                   help="override the CPUs each actor reserves (= its thread count), e.g. 1 for a single-thread actor "
+                        "(BENCHMARKS.md, 'Actor threads'); default: the pool's own choice")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", action="store_true")

@@ -95,8 +95,8 @@ class ElasticPool:
         Ray sets an actor's OMP_NUM_THREADS, and so PyTorch's thread count, to the CPUs it
         reserves. Without ``--workers`` the pool starts one single-CPU actor per CPU, which keeps
         every core busy; with a fixed worker count the actors share the CPUs instead (up to one
-        node's worth, so that an actor can be placed): one actor on a 2-core machine measured
-        1 thread and half the engine's speed before (BENCHMARKS.md, pipeline overhead).
+        node's worth, so that an actor can be placed): one single-CPU actor on a 2-core machine ran
+        1 thread, at 0.70x the engine's speed (BENCHMARKS.md, "Actor threads").
         """
         if self.fixed_workers is None:
             return 1

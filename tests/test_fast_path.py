@@ -110,3 +110,17 @@ def test_compiled_engine_runs_and_matches_eager(monkeypatch: pytest.MonkeyPatch)
     seeds = list(range(9))
     torch.testing.assert_close(compiled.purify(image, spec, seeds), eager.purify(image, spec, seeds), rtol=1e-5, atol=1e-5)
     assert compiled.count(image, spec, seeds).counts.sum() == 9
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` is bf16 on CPUs with native bf16, fp32 on others; explicit choices pass through."""
+    import workers.engine as engine_module
+    from workers.engine import resolve_precision
+
+    for native, expected in [(True, "bf16"), (False, "fp32")]:
+        monkeypatch.setattr(engine_module, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_precision("auto", "cpu") == expected
+        assert Engine(None, None, "cpu").precision == expected
+        assert Engine(None, None, "cpu", precision="fp16").precision == "fp16"
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        resolve_precision("fp8", "cpu")

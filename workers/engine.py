@@ -29,11 +29,10 @@ PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 # Images per network batch on CPU when none is given, from the image's pixel count:
 # 16 x (1024 / pixels) ** 1.25, i.e. 16 CIFAR-10 images (32x32), 512 digits (8x8), 1 ImageNet
-# image (then K copies of one draw). The exponent fits the two optima measured on a 2-core EPYC
-# (BENCHMARKS.md, "CPU batch size"): the CIFAR-10 engine ran 12% more draws/s at 16 images than
-# at 32 (the UNet's activations stay in cache: 11.2 images/s per forward at 8, 7.6 at 128),
-# while the tiny digits UNet needs hundreds of images per call to amortise its per-layer
-# overhead (10% faster at 512 than at 256 or 1024).
+# image (then K copies of one draw). Measured on a 2-core EPYC (BENCHMARKS.md, "CPU batch
+# size"): the CIFAR-10 UNet ran fastest at 16 images (its activations stay in cache: 19.1
+# images/s in bf16 and 10.7 in fp32 at 16, 12.3 and 7.5 at 128), while the tiny digits UNet
+# needs hundreds of images per call to amortise its per-layer overhead.
 CPU_BATCH_AT_32X32 = 16
 CPU_BATCH_EXPONENT = 1.25
 CPU_MAX_BATCH = 1024
@@ -110,9 +109,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     """The precision the networks run in: ``auto`` is the fastest one measured to decide as fp32.
 
     ``auto``: bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16;
-    fp32 elsewhere. The digits demo's base decisions agreed on 100% of 1000 draws between bf16
-    and fp32 (tests/test_fast_path.py, BENCHMARKS.md), while bf16 ran the engine 1.3x faster on
-    a 2-core EPYC with AVX512-BF16.
+    fp32 elsewhere. On the digits demo bf16 and fp32 took the same base decision on 1000 of 1000
+    draws (tests/test_fast_path.py), and on a 2-core EPYC with AVX512-BF16 bf16 ran the engine
+    1.4x (digits) to 1.6x (CIFAR-10 UNet) faster than fp32 (BENCHMARKS.md).
     """
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISION_CHOICES)}")
@@ -162,8 +161,8 @@ class Engine:
     - ``precision`` bf16/fp16 runs the networks under autocast (GroupNorm stays fp32); the
       default ``auto`` picks bf16 where the hardware computes it natively (``resolve_precision``);
       ``compile`` wraps both networks in ``torch.compile``; ``channels_last`` (default: on for
-      CUDA; off for CPU, where it measured no faster for the CIFAR-10 UNet at the default batch
-      size, +15% only at 128 images, and 15-20% slower for the digits UNet);
+      CUDA; off for CPU, where it changed the CIFAR-10 UNet little at the default batch, +7% in
+      fp32 and -2% in bf16, and slowed the digits UNet down);
     - ``batch_size`` counts images per network batch (draws x copies); when not given, the
       first call picks it (``auto_batch_size``): on CPU from the image size (cache-sized
       batches measured fastest), on CUDA what fits in free memory according to a probe.
