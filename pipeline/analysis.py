@@ -699,19 +699,21 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"  units:      {_of(s['units_done'], s['units_total'])}")
     lines.append(f"  images:     {_of(s['images_done'], s['images_total'])} finished")
     lines.append(f"  draws:      {_of(s['draws_done'], s['draws_total'])}")
+    # Worker time is GPU time unless every logged unit ran on a CPU (the demo, tests).
+    engines = s.get("engines") or []
+    kind = "CPU" if engines and all(e.startswith("cpu") for e in engines) else "GPU"
     lines.append(
-        f"  cost:       {s['gpu_seconds'] / 3600:.2f} GPU-hours ({s['gpu_seconds']:.0f} s), "
+        f"  cost:       {s['gpu_seconds'] / 3600:.2f} {kind}-hours ({s['gpu_seconds']:.0f} s), "
         f"{s['unet_forwards']:,} UNet forwards, {s['classifier_calls']:,} classifier calls"
     )
     if s.get("draws_per_second"):
-        per_gpu = f", {s['draws_per_gpu_second']:.1f} per GPU-second" if s.get("draws_per_gpu_second") else ""
+        per_gpu = f", {s['draws_per_gpu_second']:.1f} per {kind}-second" if s.get("draws_per_gpu_second") else ""
         lines.append(
             f"  throughput: {s['draws_per_second']:.1f} draws/s over {_duration(s['wall_seconds'])} wall "
             f"with {s['workers']} workers{per_gpu}"
         )
     else:
         lines.append("  throughput: unknown (no finished units yet)")
-    engines = s.get("engines") or []
     if len(engines) == 1:
         lines.append(f"  engine:     {engines[0]}")
     elif engines:

@@ -335,6 +335,9 @@ def test_run_status_partial(tmp_path: Path) -> None:
     assert "cohen sigma=0.25 K=1 steps=0: 1.000 (1 images)" in text
     assert s["engines"] == ["cuda bf16 batch 256", "cuda bf16 batch 96"]
     assert "MIXED settings across units: cuda bf16 batch 256; cuda bf16 batch 96" in text
+    assert "0.01 GPU-hours (35 s)" in text
+    # Units that all ran on CPUs cost CPU time, and say so.
+    assert "0.01 CPU-hours (35 s)" in format_status({**s, "engines": ["cpu fp32 batch 16"]})
 
 
 def test_run_status_complete_without_log(tmp_path: Path) -> None:
