@@ -116,25 +116,24 @@ def _engine_once(config: RunConfig, engine: Any, dataset: Any, units: list) -> d
     return {"draws": sum(u.num_draws for u in units), "total": total, "counts": counts}
 
 
-def _engine_in_fresh_process(config: RunConfig) -> dict[str, Any]:
-    """The engine alone, in a new process like the pipeline's actor (models loaded untimed).
+def _engine_in_fresh_process(config: RunConfig, units: list) -> dict[str, Any]:
+    """The engine alone on ``units``, in a new process like the pipeline's actor (models loaded
+    untimed).
 
     Each pipeline run gets a fresh actor process, so the engine side gets a fresh process too:
     on this 2-core machine the speed of the same code differed by up to 15% from one process to
     the next, and one long-lived process would compare one sample of that against many.
     """
     dataset = load_dataset(config.dataset)
-    ids = select_indices(len(dataset), config.skip, config.max_images, config.every, config.indices)
-    units = plan_units(config, [(i, int(dataset.label(i))) for i in ids])
     engine = build_engine(model_spec(config), tuple(dataset.image_shape))
     out = _engine_once(config, engine, dataset, units)
     out["batch_size"] = engine.batch_size
     return out
 
 
-def _engine_side(config: RunConfig) -> dict[str, Any]:
+def _engine_side(config: RunConfig, units: list) -> dict[str, Any]:
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_engine_in_fresh_process, config).result()
+        return pool.submit(_engine_in_fresh_process, config, units).result()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,12 +162,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         units = plan_units(probe, [(i, int(dataset.label(i))) for i in ids])
         load_before = load_average()
         for w in range(args.warmup):
-            _engine_side(probe)
+            _engine_side(probe, units)
             _pipeline_once(_config(args, os.path.join(tmp, f"warmup{w}")))
         pipe: list[dict[str, Any]] = []
         eng: list[dict[str, Any]] = []
         for r in range(args.repeats):
-            sides = [("engine", lambda: eng.append(_engine_side(probe))),
+            sides = [("engine", lambda: eng.append(_engine_side(probe, units))),
                      ("pipeline", lambda: pipe.append(_pipeline_once(_config(args, os.path.join(tmp, f"run{r}")))))]
             for _, fn in sides if r % 2 == 0 else sides[::-1]:
                 fn()

@@ -10,6 +10,7 @@ bundled demo models when they are there (random weights of the same architecture
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -52,9 +53,7 @@ class ModelFacts:
     reference_fp16: bool
 
     def _read(self) -> dict[str, Any]:
-        if self.manifest is None:
-            return {}
-        return json.loads((REPO / self.manifest).read_text())
+        return {} if self.manifest is None else _manifest(self.manifest)
 
     @property
     def num_parameters(self) -> int | None:
@@ -63,6 +62,12 @@ class ModelFacts:
     @property
     def flops_per_forward(self) -> float | None:
         return self._read().get("forward_flops_per_image")
+
+
+@functools.cache
+def _manifest(path: str) -> dict[str, Any]:
+    """A checkpoint manifest, parsed once (the ImageNet one has 4400 lines)."""
+    return json.loads((REPO / path).read_text())
 
 
 FACTS: dict[str, ModelFacts] = {

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 import yaml
 
+from pipeline.config import PRECISIONS
 from pipeline.errors import handle_user_errors
 from pipeline.report import export, report, status
 
@@ -114,7 +115,7 @@ def certify_options(fn: Callable) -> Callable:
         click.option("--indices", default=None, callback=_csv(int), help="Comma list of image indices (overrides skip/max/every)."),
         click.option("--chunk", default=10_000, show_default=True, type=int, help="Draws per work unit."),
         click.option("--batch-size", default=None, type=int, help="Images per network batch (default: by device)."),
-        click.option("--precision", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+        click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS),
                      help="Network precision; auto: bf16 on GPUs and on CPUs with native bf16, else fp32."),
         click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the networks."),
         click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])),

@@ -11,6 +11,8 @@ from typing import Any
 from pipeline.errors import UserError
 
 METHODS = ("cohen", "dds", "densepure")
+# workers.engine.PRECISION_CHOICES, kept here so that validating a config needs no torch import
+# (tests/test_fast_path.py checks that the two agree).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Fields that only say where or how fast the work runs: they may change between a run and its

@@ -265,9 +265,9 @@ class _Progress:
         self.refresh(workers)
 
     def refresh(self, workers: int) -> None:
-        rate = self.draws / max(time.monotonic() - self.start, 1e-9)
         if self.bar.disable:
             return
+        rate = self.draws / max(time.monotonic() - self.start, 1e-9)
         self.bar.set_postfix(draws_per_s=f"{rate:.1f}", workers=workers, refresh=False)
         if time.time() - self.bar.last_print_t >= self.bar.mininterval:
             self.bar.refresh()

@@ -124,3 +124,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch: pytest.MonkeyPatch) ->
         assert Engine(None, None, "cpu", precision="fp16").precision == "fp16"
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         resolve_precision("fp8", "cpu")
+    # The driver validates configs (and the CLI offers choices) from its own torch-free copy.
+    from pipeline.config import PRECISIONS
+
+    assert PRECISIONS == engine_module.PRECISION_CHOICES
