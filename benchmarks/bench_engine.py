@@ -51,7 +51,7 @@ from benchmarks.common import (  # noqa: E402
     sync,
 )
 from benchmarks.reference import ReferenceLoop  # noqa: E402
-from pipeline.plan import draw_seeds  # noqa: E402
+from workers.seeds import draw_seeds  # noqa: E402
 from workers.engine import Engine  # noqa: E402
 from workers.purify import PurifySpec  # noqa: E402
 

@@ -44,7 +44,7 @@ import ray  # noqa: E402
 
 from benchmarks.common import dump, env_facts, load_average, median  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
-from pipeline.data import load_dataset, select_indices  # noqa: E402
+from workers.data import load_dataset, select_indices  # noqa: E402
 from pipeline.plan import plan_units  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
 from pipeline.run import certify_run, model_spec  # noqa: E402
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _config(args: argparse.Namespace, out: str) -> RunConfig:
     return RunConfig(
         out=out,
-        dataset="digits",
+        data="digits",
         denoiser="digits",
         classifier="digits",
         methods=args.methods.split(","),
@@ -124,7 +124,7 @@ def _engine_in_fresh_process(config: RunConfig, units: list) -> dict[str, Any]:
     on this 2-core machine the speed of the same code differed by up to 15% from one process to
     the next, and one long-lived process would compare one sample of that against many.
     """
-    dataset = load_dataset(config.dataset)
+    dataset = load_dataset(config.data)
     engine = build_engine(model_spec(config), tuple(dataset.image_shape))
     out = _engine_once(config, engine, dataset, units)
     out["batch_size"] = engine.batch_size
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         probe = _config(args, os.path.join(tmp, "probe"))
         probe.validate()
-        dataset = load_dataset(probe.dataset)
+        dataset = load_dataset(probe.data)
         ids = select_indices(len(dataset), probe.skip, probe.max_images, probe.every, probe.indices)
         units = plan_units(probe, [(i, int(dataset.label(i))) for i in ids])
         load_before = load_average()

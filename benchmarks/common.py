@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from workers.models import Classifier, Denoiser  # noqa: E402
-from workers.unet import build_openai_unet, diffusion_settings, unet_flags_from_json  # noqa: E402
+from workers.classifier import Classifier  # noqa: E402
+from workers.denoiser import Denoiser  # noqa: E402
+from workers.unet_flags import diffusion_settings, unet_flags_from_json  # noqa: E402
+from workers.unet import build_openai_unet  # noqa: E402
 
 MODELS = ("cifar10", "imagenet", "digits")
 
@@ -158,7 +160,7 @@ def load_models(model: str, seed: int = 0) -> tuple[Classifier, Denoiser, str]:
 
 def _digits_models(seed: int) -> tuple[Classifier, Denoiser, str]:
     """The bundled digits demo models, or random weights of their architectures if not trained yet."""
-    from pipeline.errors import UserError
+    from workers.errors import UserError
     from workers.digits import DIGITS_UNET_FLAGS, DigitsCNN
     from workers.models import load_classifier, load_denoiser
 
@@ -175,7 +177,7 @@ def _digits_models(seed: int) -> tuple[Classifier, Denoiser, str]:
 def benchmark_image(model: str, denoiser: Denoiser, seed: int = 0) -> torch.Tensor:
     """The image every draw starts from: the first held-out digit, or a seeded random image."""
     if model == "digits":
-        from pipeline.data import load_digits_heldout
+        from workers.data import load_digits_heldout
 
         image, _ = load_digits_heldout().get(0)
         return torch.as_tensor(image, dtype=torch.float32)

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.models import Classifier, Denoiser
+from workers.classifier import Classifier
+from workers.denoiser import Denoiser
 from workers.schedule import reverse_timesteps, start_scale, timestep_for_sigma
 from workers.unet import UNetModel, timestep_embedding
 

@@ -1,6 +1,7 @@
-"""CIFAR-10 with the paper protocol (ALGORITHM.md section 5): every 20th test image (500),
-n0 = 100, n = 100,000, alpha = 0.001, sigma in {0.25, 0.5, 1.0}, DensePure with b = 10 steps
-and K up to 40 votes, improved-diffusion's cifar10_uncond_50M_500K.pt and a ViT-B/16 classifier.
+"""CIFAR-10 with the paper protocol (defaults: configs/presets/cifar10.yaml): every 20th test
+image (500), n0 = 100, n = 100,000, alpha = 0.001, sigma in {0.25, 0.5, 1.0}, DensePure with
+b = 10 steps and K up to 40 votes, improved-diffusion's cifar10_uncond_50M_500K.pt and a ViT-B/16
+classifier.
 
     ray job submit --working-dir . -- python jobs/certify_cifar10.py \\
         --data cifar10:s3://bucket/cifar-10-batches-py/test_batch \\
@@ -9,25 +10,9 @@ and K up to 40 votes, improved-diffusion's cifar10_uncond_50M_500K.pt and a ViT-
         --out s3://bucket/runs/cifar10 --max-workers 8
 """
 
-import _common
+import _common  # noqa: F401  (puts the project on sys.path)
 
 from pipeline.cli import certify_main
 
-DEFAULTS = {
-    "dataset": "",  # required: --data cifar10:PATH/test_batch
-    "denoiser": "",  # required: --denoiser openai:PATH/cifar10_uncond_50M_500K.pt
-    "classifier": "",  # required: --classifier hf:DIR
-    "model_flags": str(_common.CONFIGS / "cifar10_uncond_50M_500K.flags.json"),
-    "methods": "cohen,dds,densepure",
-    "sigmas": "0.25,0.5,1.0",
-    "votes": "1,5,10,20,40",
-    "steps": 10,
-    "n0": 100,
-    "n": 100_000,
-    "alpha": 0.001,
-    "every": 20,
-    "chunk": 10_000,
-}
-
 if __name__ == "__main__":
-    certify_main(DEFAULTS, prog_name="certify_cifar10.py")
+    certify_main("cifar10", prog_name="certify_cifar10.py")

@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline.rundir import RunDir
 from pipeline.stats import certify
+from workers.contract import UnitRecord
 
 TABLE_COLUMNS = [
     "image_id", "label", "sigma", "method", "votes", "steps", "n0", "n", "alpha",
@@ -32,14 +33,14 @@ class Aggregator:
         self.done = set(done)
         self.flush_units = flush_units
         self.flush_seconds = flush_seconds
-        self._buffer: list[dict[str, Any]] = []
+        self._buffer: list[UnitRecord] = []
         self._last_flush = time.monotonic()
 
-    def add(self, record: dict[str, Any]) -> bool:
+    def add(self, record: UnitRecord) -> bool:
         """Take one finished unit; False (and nothing recorded) if it was already counted."""
-        if record["unit_id"] in self.done:
+        if record.unit_id in self.done:
             return False
-        self.done.add(record["unit_id"])
+        self.done.add(record.unit_id)
         self._buffer.append(record)
         if len(self._buffer) >= self.flush_units or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()

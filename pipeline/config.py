@@ -1,4 +1,10 @@
-"""The run configuration: one dataclass, its validation, and what makes two runs the same run."""
+"""The run configuration: one dataclass, the one place where every option and its default live.
+
+The ``densepure certify`` options, the YAML keys of ``--config``, the jobs' presets
+(``configs/presets/*.yaml``) and the manifest's ``config`` all use these field names; the CLI
+builds its options from the fields' metadata (``pipeline/cli/options.py``), so a default is changed
+here and nowhere else.
+"""
 
 from __future__ import annotations
 
@@ -8,49 +14,59 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import UserError
+from workers.contract import DEVICES, METHODS, PRECISIONS, needs_denoiser, vote_counts
+from workers.errors import UserError
 
-METHODS = ("cohen", "dds", "densepure")
-# workers.engine.PRECISION_CHOICES, kept here so that validating a config needs no torch import
-# (tests/test_fast_path.py checks that the two agree).
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+__all__ = ["RunConfig", "differing_fields", "option_fields"]
 
-# Fields that only say where or how fast the work runs: they may change between a run and its
-# resumption without changing a single number of the result.
-_EXECUTION_FIELDS = frozenset({"out", "workers", "max_workers", "overwrite", "progress", "batch_size", "compile", "max_retries", "device"})
+
+def _option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple[str, ...] | None = None,
+            switch: str | None = None, execution: bool = False, metavar: str | None = None) -> Any:
+    """A RunConfig field with what the CLI needs to offer it as an option.
+
+    ``flags``: the option's spellings (default ``--field-name``); ``switch``: the negative form of
+    a boolean on/off option (``--no-progress``); ``execution``: the field only says where or how
+    fast the work runs, so it may change between a run and its resumption without changing a
+    single number of the result.
+    """
+    metadata = {"help": help, "flags": flags, "choices": choices, "switch": switch, "execution": execution, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class RunConfig:
     """Everything that defines a certification run (all CLI/YAML options resolve into this)."""
 
-    out: str
-    dataset: str = "digits"
-    denoiser: str | None = "digits"
-    model_flags: str | None = None
-    classifier: str = "digits"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    sigmas: list[float] = field(default_factory=lambda: [0.25, 0.5])
-    votes: list[int] = field(default_factory=lambda: [1, 4])
-    steps: int = 2
-    n0: int = 100
-    n: int = 1000
-    alpha: float = 0.001
-    seed: int = 0
-    skip: int = 0
-    max_images: int | None = None
-    every: int = 1
-    indices: list[int] | None = None
-    chunk: int = 10_000
-    batch_size: int | None = None
-    precision: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    workers: int | None = None
-    max_workers: int | None = None
-    max_retries: int = 3
-    overwrite: bool = False
-    progress: bool = True
+    out: str = field(metadata={"help": "Run folder: local path or s3://bucket/prefix.", "flags": (), "choices": None,
+                               "switch": None, "execution": True, "metavar": None})
+    data: str = _option("digits", "digits | cifar10:PATH/test_batch | imagenet:DIR (synset folders) | parquet:FILE (local or s3://).")
+    denoiser: str | None = _option("digits", "openai:CKPT (with --model-flags) | diffusers:DIR | digits.")
+    model_flags: str | None = _option(None, "JSON flags of an openai: checkpoint (OpenAI script_util names).")
+    classifier: str = _option("digits", "hf:DIR | torchscript:FILE | digits.")
+    methods: list[str] = _option(list(METHODS), "Comma list of cohen, dds, densepure.")
+    sigmas: list[float] = _option([0.25, 0.5], "Comma list of smoothing noise levels.")
+    votes: list[int] = _option([1, 4], "DensePure vote counts K to report; max(K) votes are run and prefixes give the others.")
+    steps: int = _option(2, "DensePure reverse steps b.")
+    n0: int = _option(100, "Selection draws.")
+    n: int = _option(1000, "Estimation draws.")
+    alpha: float = _option(0.001, "Failure probability of each certificate.")
+    seed: int = _option(0, "Run seed (every draw's seed derives from it).")
+    skip: int = _option(0, "Skip the first images.")
+    max_images: int | None = _option(None, "Certify at most this many images.", flags=("--max-images", "--max"))
+    every: int = _option(1, "Take every k-th image (paper: 20 CIFAR-10, 500 ImageNet).")
+    indices: list[int] | None = _option(None, "Comma list of image indices (overrides skip/max/every).")
+    chunk: int = _option(10_000, "Draws per work unit.")
+    batch_size: int | None = _option(None, "Images per network batch (default: by device).", execution=True)
+    precision: str = _option("auto", "Network precision; auto: bf16 on GPUs and on CPUs with native bf16, else fp32.", choices=PRECISIONS)
+    compile: bool = _option(False, "torch.compile the networks.", switch="--no-compile", execution=True)
+    device: str = _option("auto", "Where the networks run; auto: a GPU when the cluster has one.", choices=DEVICES, execution=True)
+    workers: int | None = _option(None, "Fixed number of workers (default: one per GPU present).", execution=True)
+    max_workers: int | None = _option(None, "Ask the autoscaler for up to this many GPU workers.", execution=True)
+    max_retries: int = _option(3, "Fail when one unit fails this many times the same way.", execution=True)
+    overwrite: bool = _option(False, "Replace a run with a different config at --out.", execution=True)
+    progress: bool = _option(True, "Progress bar on the driver.", switch="--no-progress", execution=True)
 
     def __post_init__(self) -> None:
         self.methods = [m.strip().lower() for m in self.methods]
@@ -63,7 +79,7 @@ class RunConfig:
         """Raise UserError (one line: the problem and the fix) for any invalid option."""
         from pipeline.stats import validate_protocol
 
-        if not self.dataset:
+        if not self.data:
             raise UserError("no dataset given: pass --data (digits, cifar10:PATH, imagenet:DIR or parquet:FILE)")
         if not self.classifier:
             raise UserError("no classifier given: pass --classifier (hf:DIR, torchscript:FILE or digits)")
@@ -90,8 +106,8 @@ class RunConfig:
             raise UserError(f"batch size must be >= 1, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"unknown device '{self.device}': use auto, cpu or cuda")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown device '{self.device}': use one of {', '.join(DEVICES)}")
         for name in ("workers", "max_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -100,8 +116,13 @@ class RunConfig:
             raise UserError("image selection needs --every >= 1, --skip >= 0 and --max >= 1")
         if self.max_retries < 1:
             raise UserError(f"--max-retries must be >= 1, got {self.max_retries}")
-        if any(m != "cohen" for m in self.methods) and not self.denoiser:
+        if self.needs_denoiser and not self.denoiser:
             raise UserError("methods dds/densepure need a denoiser: pass --denoiser (or --methods cohen)")
+
+    @property
+    def needs_denoiser(self) -> bool:
+        """Whether any selected method purifies (and so a denoiser must be loaded)."""
+        return any(needs_denoiser(m) for m in self.methods)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,12 +132,12 @@ class RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"unknown config option(s) {', '.join(unknown)}: see 'densepure certify --help'")
+            raise UserError(f"unknown config option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}")
         return cls(**data)
 
     def result_fields(self) -> dict[str, Any]:
         """The options that determine the table; a resumed run must match them exactly."""
-        return {k: v for k, v in self.to_dict().items() if k not in _EXECUTION_FIELDS}
+        return {k: v for k, v in self.to_dict().items() if k not in _execution_fields()}
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.result_fields(), sort_keys=True).encode()
@@ -124,13 +145,22 @@ class RunConfig:
 
     def vote_counts(self, method: str) -> list[int]:
         """The k of the k-vote classifiers reported for ``method`` (prefixes of max(votes))."""
-        return list(self.votes) if method == "densepure" else [1]
+        return vote_counts(method, self.votes)
 
     def max_votes(self, method: str) -> int:
-        return max(self.votes) if method == "densepure" else 1
+        return max(self.vote_counts(method))
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """The RunConfig fields, in declaration order (the order of ``densepure certify --help``)."""
+    return list(dataclasses.fields(RunConfig))
+
+
+def _execution_fields() -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("execution"))
 
 
 def differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Names of the result-determining options on which two configs disagree."""
-    keys = sorted((set(a) | set(b)) - _EXECUTION_FIELDS)
+    keys = sorted((set(a) | set(b)) - _execution_fields())
     return [k for k in keys if a.get(k) != b.get(k)]

@@ -18,9 +18,9 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline.errors import UserError
-from pipeline.plan import WorkUnit
-from workers.worker import CertifyWorker, ModelSpec
+from workers.contract import ModelSpec, UnitRecord, WorkUnit
+from workers.errors import UserError, first_line
+from workers.worker import CertifyWorker
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class ElasticPool:
 
     # -- running --------------------------------------------------------------------------
 
-    def run(self, units: Sequence[WorkUnit], on_result: Callable[[dict[str, Any]], None], on_tick: Callable[[], None] | None = None) -> None:
+    def run(self, units: Sequence[WorkUnit], on_result: Callable[[UnitRecord], None], on_tick: Callable[[], None] | None = None) -> None:
         """Run every unit once to completion, calling ``on_result(record)`` as each finishes."""
         pending: collections.deque[WorkUnit] = collections.deque(units)
         inflight: dict[Any, tuple[str, WorkUnit]] = {}
@@ -190,10 +190,10 @@ class ElasticPool:
                 # Died before finishing anything: most likely it cannot start (bad model, OOM).
                 self._startup_failures += 1
                 if self._startup_failures >= self.max_retries * max(1, self.target_workers()):
-                    raise UnitFailedError(f"workers keep dying before finishing a unit: {_short(exc)}") from exc
+                    raise UnitFailedError(f"workers keep dying before finishing a unit: {first_line(exc)}") from exc
             else:
                 self._startup_failures = 0
-        log.warning("worker %s died (%s); rescheduling %d unit(s)", name, _short(exc), len(requeue))
+        log.warning("worker %s died (%s); rescheduling %d unit(s)", name, first_line(exc), len(requeue))
         pending.extendleft(reversed(requeue))
 
     def _unit_failed(self, unit: WorkUnit, exc: RayTaskError, failures: dict[str, list[str]]) -> None:
@@ -215,8 +215,4 @@ class ElasticPool:
                 pass
         self._actors.clear()
 
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[-1][:300] if text else type(exc).__name__
 

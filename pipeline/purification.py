@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import storage
-from pipeline.errors import UserError
-from pipeline.plan import draw_seeds
+from pipeline.stats import validate_sigma
+from workers import storage
+from workers.errors import UserError
 from workers.purify import PurifySpec
+from workers.seeds import draw_seeds
 
 
 def _load_image(path: str) -> np.ndarray:
@@ -58,12 +59,11 @@ def run_purify(
     input_path: str, output_path: str, grid_path: str | None, device: str = "auto",
 ) -> str:
     """Purify ``samples`` noisy copies of one image; write them (and a grid); return a summary."""
-    from pipeline.stats import validate_protocol
     from workers.engine import Engine
     from workers.models import load_denoiser
     from workers.worker import resolve_device
 
-    validate_protocol(1, 1, 0.5, sigma)
+    validate_sigma(sigma)
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
     if samples < 1:

@@ -21,13 +21,14 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import storage
 from pipeline.aggregate import Aggregator, table_from_units
 from pipeline.config import RunConfig, differing_fields
-from pipeline.errors import UserError
+from pipeline.manifest import Cost, Manifest, is_ours
 from pipeline.plan import plan_units
-from pipeline.rundir import FORMAT_VERSION, RunDir
-from workers.worker import ModelSpec
+from pipeline.rundir import RunDir
+from workers import storage
+from workers.contract import ModelSpec, UnitRecord
+from workers.errors import UserError
 
 Log = Callable[[str], None]
 
@@ -59,13 +60,13 @@ def package_version() -> str:
 def model_spec(config: RunConfig) -> ModelSpec:
     """What each worker loads. The flags file is read here, on the driver, and travels as a dict:
     its path need not exist on the worker nodes."""
-    flags = config.model_flags
-    if isinstance(flags, str) and flags:
-        from workers.unet import unet_flags_from_json
+    flags = None
+    if config.model_flags:
+        from workers.unet_flags import unet_flags_from_json
 
-        flags = unet_flags_from_json(storage.fetch(flags))
+        flags = unet_flags_from_json(storage.fetch(config.model_flags))
     return ModelSpec(
-        dataset=config.dataset,
+        dataset=config.data,
         classifier=config.classifier,
         denoiser=config.denoiser,
         model_flags=flags,
@@ -73,7 +74,7 @@ def model_spec(config: RunConfig) -> ModelSpec:
         batch_size=config.batch_size,
         precision=config.precision,
         compile=config.compile,
-        needs_denoiser=any(m != "cohen" for m in config.methods),
+        needs_denoiser=config.needs_denoiser,
     )
 
 
@@ -84,13 +85,13 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
     the manifest. The models are loaded once on the driver's CPU so that a wrong checkpoint,
     flags file or classifier directory fails here with one line, not on a GPU node.
     """
-    from pipeline.data import load_dataset, select_indices
+    from workers.data import load_dataset, select_indices
 
     config.validate()
-    dataset = load_dataset(config.dataset)
+    dataset = load_dataset(config.data)
     ids = select_indices(len(dataset), config.skip, config.max_images, config.every, config.indices)
     if not ids:
-        raise UserError(f"no images selected from {config.dataset} ({len(dataset)} images): check --skip/--max/--every/--indices")
+        raise UserError(f"no images selected from {config.data} ({len(dataset)} images): check --skip/--max/--every/--indices")
     images = [(i, int(dataset.label(i))) for i in ids]
     created = not storage.is_s3(config.out) and not os.path.exists(config.out)
     storage.check_access(config.out)  # before any model is loaded: a bad bucket costs seconds
@@ -100,7 +101,7 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
         if created and os.path.isdir(config.out) and not os.listdir(config.out):
             os.rmdir(config.out)  # leave nothing behind for a run that never started
         raise
-    log(f"preflight ok: {len(images)} images from {config.dataset}, models loaded")
+    log(f"preflight ok: {len(images)} images from {config.data}, models loaded")
     return images, models
 
 
@@ -112,31 +113,36 @@ def _check_models(config: RunConfig, dataset: Any) -> dict[str, Any]:
     models: dict[str, Any] = {"classifier": describe_source(config.classifier)}
     if classifier.num_classes < dataset.num_classes:
         raise UserError(
-            f"classifier {config.classifier} has {classifier.num_classes} classes but {config.dataset} has "
+            f"classifier {config.classifier} has {classifier.num_classes} classes but {config.data} has "
             f"{dataset.num_classes}: use a classifier trained for this dataset"
         )
-    if any(m != "cohen" for m in config.methods):
+    if config.needs_denoiser:
         denoiser = load_denoiser(config.denoiser, config.model_flags)
         if denoiser.in_channels != dataset.image_shape[0] or denoiser.image_size != dataset.image_shape[-1]:
             raise UserError(
                 f"denoiser {config.denoiser} takes {denoiser.in_channels}x{denoiser.image_size}x{denoiser.image_size} images "
-                f"but {config.dataset} has {'x'.join(map(str, dataset.image_shape))}: use the denoiser trained at this resolution"
+                f"but {config.data} has {'x'.join(map(str, dataset.image_shape))}: use the denoiser trained at this resolution"
             )
         models["denoiser"] = describe_source(config.denoiser, config.model_flags)
     return models
 
 
-def _open_run(config: RunConfig, log: Log) -> tuple[RunDir, dict[str, Any] | None]:
+def _open_run(config: RunConfig, log: Log) -> tuple[RunDir, Manifest | None]:
     """Resume, refuse, or clear the run folder at ``config.out``."""
     run = RunDir(config.out)
     if not run.has_manifest():
         return run, None
-    previous = run.read_manifest()
     if config.overwrite:
+        if not is_ours(run.read_manifest_data()):
+            raise UserError(
+                f"{run.manifest_uri} was not written by densepure: --overwrite only replaces densepure runs; "
+                "choose another --out"
+            )
         log(f"--overwrite: removing the previous run at {config.out}")
         run.clear()
         return run, None
-    diff = differing_fields(previous.get("config", {}), config.to_dict())
+    previous = run.read_manifest()
+    diff = differing_fields(previous.config, config.to_dict())
     if diff:
         raise UserError(
             f"{config.out} holds a run with a different configuration (differs in: {', '.join(diff)}); "
@@ -160,23 +166,22 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
     if previous is not None:
         log(f"resuming {config.out}: {skipped} of {len(units)} units already done, {len(todo)} to run")
 
-    manifest = {
-        "format": FORMAT_VERSION,
-        "run_id": (previous or {}).get("run_id", uuid.uuid4().hex[:12]),
-        "status": "running",
-        "config": config.to_dict(),
-        "fingerprint": config.fingerprint(),
-        "models": models,
-        "package_version": package_version(),
-        "created_at": (previous or {}).get("created_at", _now()),
-        "updated_at": _now(),
-        "units_total": len(units),
-        "units_done": skipped,
-        "images_total": len(images),
-        "attempts": int((previous or {}).get("attempts", 0)) + 1,
-        "cost": _cost(logged),
-        "error": None,
-    }
+    manifest = Manifest(
+        run_id=previous.run_id if previous else uuid.uuid4().hex[:12],
+        status="running",
+        config=config.to_dict(),
+        fingerprint=config.fingerprint(),
+        models=models,
+        package_version=package_version(),
+        created_at=previous.created_at if previous else _now(),
+        updated_at=_now(),
+        units_total=len(units),
+        units_done=skipped,
+        images_total=len(images),
+        attempts=(previous.attempts if previous else 0) + 1,
+        cost=_cost(logged),
+        error=None,
+    )
     run.write_manifest(manifest)
 
     workers = 0
@@ -187,7 +192,7 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
         pool = ElasticPool(model_spec(config), config.workers, config.max_workers, config.max_retries)
         log(f"running {len(todo)} units on {'GPU' if pool.gpu else 'CPU'} workers")
 
-        def on_result(record: dict[str, Any]) -> None:
+        def on_result(record: UnitRecord) -> None:
             if aggregator.add(record):
                 progress.update(record, pool.num_workers)
 
@@ -196,8 +201,9 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
                 pool.run(todo, on_result, on_tick=lambda: progress.refresh(pool.num_workers))
         except BaseException as exc:
             aggregator.flush()
-            manifest.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "stopped",
-                            error=f"{type(exc).__name__}: {exc}"[:2000], updated_at=_now())
+            manifest.status = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
+            manifest.error = f"{type(exc).__name__}: {exc}"[:2000]
+            manifest.updated_at = _now()
             run.write_manifest(manifest)
             raise
         finally:
@@ -208,7 +214,7 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
     logged = run.read_units()
     table = table_from_units(logged, config.to_dict())
     run.write_table(table)
-    manifest.update(status="complete", units_done=len(units), updated_at=_now(), cost=_cost(logged))
+    manifest.status, manifest.units_done, manifest.updated_at, manifest.cost = "complete", len(units), _now(), _cost(logged)
     run.write_manifest(manifest)
     elapsed = time.time() - started
     log(f"done: {len(table)} rows in {storage.join(config.out, 'certification.parquet')} ({elapsed:.1f} s)")
@@ -233,16 +239,16 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _cost(units: pd.DataFrame | None) -> dict[str, float]:
+def _cost(units: pd.DataFrame | None) -> Cost:
     """Totals of the unit log: worker busy seconds, network evaluations, draws."""
     if units is None or len(units) == 0:
-        return {"gpu_seconds": 0.0, "unet_forwards": 0, "classifier_calls": 0, "draws": 0}
-    return {
-        "gpu_seconds": float(units["seconds"].sum()),
-        "unet_forwards": int(units["unet_forwards"].sum()),
-        "classifier_calls": int(units["classifier_calls"].sum()),
-        "draws": int(units["num_draws"].sum()),
-    }
+        return Cost()
+    return Cost(
+        gpu_seconds=float(units["seconds"].sum()),
+        unet_forwards=int(units["unet_forwards"].sum()),
+        classifier_calls=int(units["classifier_calls"].sum()),
+        draws=int(units["num_draws"].sum()),
+    )
 
 
 class _Progress:
@@ -259,8 +265,8 @@ class _Progress:
         self.draws = 0
         self.start = time.monotonic()
 
-    def update(self, record: dict[str, Any], workers: int) -> None:
-        self.draws += int(record["num_draws"])
+    def update(self, record: UnitRecord, workers: int) -> None:
+        self.draws += record.num_draws
         self.bar.update(1)
         self.refresh(workers)
 

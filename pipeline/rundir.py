@@ -18,36 +18,14 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline.manifest import Manifest
+from workers import storage
+from workers.contract import UnitRecord
 
 MANIFEST = "manifest.json"
 TABLE = "certification.parquet"
 UNITS = "units"
-FORMAT_VERSION = 1
-
-UNIT_LOG_SCHEMA = pa.schema(
-    [
-        ("unit_id", pa.string()),
-        ("image_id", pa.int64()),
-        ("label", pa.int64()),
-        ("sigma", pa.float64()),
-        ("method", pa.string()),
-        ("steps", pa.int64()),
-        ("phase", pa.string()),
-        ("start", pa.int64()),
-        ("num_draws", pa.int64()),
-        ("votes", pa.list_(pa.int64())),
-        ("counts", pa.list_(pa.list_(pa.int64()))),
-        ("t_star", pa.float64()),
-        ("seconds", pa.float64()),
-        ("unet_forwards", pa.int64()),
-        ("classifier_calls", pa.int64()),
-        ("worker", pa.string()),
-        # The engine settings the counts depend on besides the seeds (Engine.describe()).
-        ("engine", pa.string()),
-        ("finished_at", pa.float64()),
-    ]
-)
+UNIT_LOG_SCHEMA = UnitRecord.arrow_schema()
 
 
 @dataclass(frozen=True)
@@ -71,17 +49,21 @@ class RunDir:
     def has_manifest(self) -> bool:
         return storage.exists(self.manifest_uri)
 
-    def read_manifest(self) -> dict[str, Any]:
+    def read_manifest(self) -> Manifest:
+        return Manifest.from_dict(self.read_manifest_data(), self.manifest_uri)
+
+    def read_manifest_data(self) -> Any:
+        """The parsed manifest.json as it is, ours or not (see ``pipeline.manifest.is_ours``)."""
         return storage.read_json(self.manifest_uri)
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        storage.write_json(self.manifest_uri, manifest)
+    def write_manifest(self, manifest: Manifest) -> None:
+        storage.write_json(self.manifest_uri, manifest.to_dict())
 
-    def append_units(self, records: list[dict[str, Any]]) -> str:
+    def append_units(self, records: list[UnitRecord]) -> str:
         """Write one new immutable part of the unit log; returns its uri."""
-        name = f"part-{min(r['finished_at'] for r in records):017.6f}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"part-{min(r.finished_at for r in records):017.6f}-{uuid.uuid4().hex[:8]}.parquet"
         uri = storage.join(self.units_uri, name)
-        storage.write_parquet(uri, pa.Table.from_pylist(records, schema=UNIT_LOG_SCHEMA))
+        storage.write_parquet(uri, pa.Table.from_pylist([r.to_dict() for r in records], schema=UNIT_LOG_SCHEMA))
         return uri
 
     def read_units(self) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import beta, binomtest, norm
 
-from pipeline.errors import UserError
+from workers.errors import UserError
 
 ABSTAIN: int = -1
 """Prediction value used when the smoothed classifier abstains (as in Cohen's code)."""
@@ -35,6 +35,7 @@ __all__ = [
     "predict",
     "select_class",
     "validate_protocol",
+    "validate_sigma",
 ]
 
 
@@ -226,9 +227,17 @@ def validate_protocol(n0: int, n: int, alpha: float, sigma: float | None = None)
     if not alpha_ok:
         raise UserError(f"--alpha must lie strictly between 0 and 1 (got {alpha!r}); the standard protocol uses --alpha 0.001")
     if sigma is not None:
-        try:
-            sigma_ok = math.isfinite(float(sigma)) and float(sigma) > 0.0
-        except (TypeError, ValueError):
-            sigma_ok = False
-        if not sigma_ok:
-            raise UserError(f"--sigma must be a positive number (got {sigma!r}), e.g. --sigma 0.25, 0.5 or 1.0")
+        validate_sigma(sigma)
+
+
+def validate_sigma(sigma: float) -> None:
+    """Check a smoothing noise level given by a user; raise UserError with a one-line fix.
+
+    Guarantee: returns only if sigma is a finite number > 0.
+    """
+    try:
+        sigma_ok = math.isfinite(float(sigma)) and float(sigma) > 0.0
+    except (TypeError, ValueError):
+        sigma_ok = False
+    if not sigma_ok:
+        raise UserError(f"sigma must be a positive number (got {sigma!r}), e.g. --sigmas 0.25,0.5,1.0")

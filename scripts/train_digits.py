@@ -53,7 +53,8 @@ from workers.digits import (  # noqa: E402
     load_digits_data,
 )
 from workers.schedule import NoiseSchedule  # noqa: E402
-from workers.unet import build_openai_unet, diffusion_settings  # noqa: E402
+from workers.unet_flags import diffusion_settings  # noqa: E402
+from workers.unet import build_openai_unet  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.unet import UNetModel, load_openai_checkpoint, unet_flags_from_json
+from workers.checkpoint import load_openai_checkpoint
+from workers.unet import UNetModel
+from workers.unet_flags import unet_flags_from_json
 
 __all__ = [
     "ASSET_DIR",

@@ -18,14 +18,16 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
+from workers.contract import PRECISIONS
 from workers.purify import Purifier, PurifySpec, draw_generators
 
 if TYPE_CHECKING:
-    from workers.models import Classifier, Denoiser
+    from workers.classifier import Classifier
+    from workers.denoiser import Denoiser
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# What a caller may ask for: one of PRECISIONS, or "auto", which picks one per device.
-PRECISION_CHOICES = ("auto", *PRECISIONS)
+# The autocast dtype of each precision of ``workers.contract.PRECISIONS`` but "auto", which
+# ``resolve_precision`` turns into one of these per device.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Images per network batch on CPU when none is given, from the image's pixel count:
 # 16 x (1024 / pixels) ** 1.25, i.e. 16 CIFAR-10 images (32x32), 512 digits (8x8), 1 ImageNet
@@ -84,7 +86,7 @@ def _compiled(module: torch.nn.Module) -> torch.nn.Module:
     into a guarded tensor that then fails under inference_mode ("Guard failed on the same frame
     it was created", torch 2.13), so ``compile=True`` used to crash on the first batch.
     """
-    from workers.models import Denoiser
+    from workers.denoiser import Denoiser
 
     if isinstance(module, Denoiser):
         return module.with_net(torch.compile(module.net))
@@ -113,8 +115,8 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     draws (tests/test_fast_path.py), and on a 2-core EPYC with AVX512-BF16 bf16 ran the engine
     1.4x (digits) to 1.6x (CIFAR-10 UNet) faster than fp32 (BENCHMARKS.md).
     """
-    if precision not in PRECISION_CHOICES:
-        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISION_CHOICES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     device = torch.device(device)
@@ -220,7 +222,7 @@ class Engine:
         return self._purifiers[spec]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.precision]
+        dtype = AUTOCAST_DTYPES[self.precision]
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)

@@ -10,24 +10,26 @@ classifiers
     ``hf:DIR`` (a transformers image-classification model with its image processor config),
     ``torchscript:FILE`` (a scripted module taking [0,1] images), ``digits`` (the bundled demo).
 
-PATH/DIR may be ``s3://`` (or ``file://``) URIs; ``pipeline.storage.fetch`` copies them locally first.
+PATH/DIR may be ``s3://`` (or ``file://``) URIs; ``workers.storage.fetch`` copies them locally first.
 Every loader returns a module in eval mode with gradients off, on the requested device. Every
-problem the user can fix raises ``pipeline.errors.UserError`` with a one-line message.
+problem the user can fix raises ``workers.errors.UserError`` with a one-line message. The networks
+themselves are in ``workers/denoiser.py`` and ``workers/classifier.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from pipeline.errors import UserError
+from workers import storage
+from workers.classifier import Classifier
+from workers.denoiser import Denoiser, DiffusersEps
+from workers.errors import UserError, first_line
 from workers.schedule import NoiseSchedule
 
 Device = str | torch.device
@@ -48,20 +50,10 @@ def _split(source: str) -> tuple[str, str]:
 
 
 def _local(path: str) -> str:
-    """A local path for ``path``: URIs (s3://, file://) go through ``pipeline.storage.fetch``.
-
-    Imported lazily because storage pulls in pyarrow/pandas, which plain local loads do not need.
-    """
+    """A local path for ``path``: URIs (s3://, file://) go through ``workers.storage.fetch``."""
     if "://" in path:
-        from pipeline.storage import fetch
-
-        return str(fetch(path))
+        return str(storage.fetch(path))
     return path
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _finish(module: _M, device: Device) -> _M:
@@ -97,96 +89,6 @@ def _require_dir(path: str, what: str) -> Path:
 # denoiser
 
 
-class Denoiser(nn.Module):
-    """A noise-prediction network with the diffusion settings it was trained with.
-
-    Attributes: ``schedule`` (the training chain, betas of length T), ``learn_sigma`` (the output
-    has 2C channels: eps and the variance interpolation v in [-1, 1]), ``sigma_small`` (for fixed
-    variance: True = posterior variance, False = betas, "fixed large"), ``rescale_timesteps`` (the
-    network is fed t * 1000 / T), ``in_channels``, ``image_size``.
-
-    ``net`` is called as ``net(x, t) -> Tensor``; diffusers UNets are adapted to that by
-    ``_DiffusersEps``.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        schedule: NoiseSchedule,
-        *,
-        learn_sigma: bool,
-        sigma_small: bool,
-        rescale_timesteps: bool,
-        in_channels: int,
-        image_size: int,
-    ):
-        super().__init__()
-        self.net = net
-        self.schedule = schedule
-        self.learn_sigma = bool(learn_sigma)
-        self.sigma_small = bool(sigma_small)
-        self.rescale_timesteps = bool(rescale_timesteps)
-        self.in_channels = int(in_channels)
-        self.image_size = int(image_size)
-
-    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-        """x in model scale [-1,1]-ish (N,C,H,W); t: (N,) real timesteps of the training chain.
-
-        Returns (eps, v) with v None unless ``learn_sigma``. The timestep rescaling of the
-        training code is applied here, so callers always speak in training-chain timesteps.
-        """
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if self.rescale_timesteps:
-            # As OpenAI's _WrappedModel: float, so that real (non-integer) t* survive the scaling.
-            t = t.float() * (1000.0 / self.schedule.T)
-        out = self.net(x, t)
-        if not self.learn_sigma:
-            return out, None
-        eps, v = torch.split(out, x.shape[1], dim=1)
-        return eps, v
-
-    @classmethod
-    def from_openai(cls, net: nn.Module, settings: Any) -> "Denoiser":
-        """Wrap an OpenAI ``UNetModel`` with the diffusion settings of its flags
-        (``workers.unet.diffusion_settings``)."""
-        return cls(
-            net,
-            NoiseSchedule.from_name(settings.noise_schedule, settings.diffusion_steps),
-            learn_sigma=settings.learn_sigma,
-            sigma_small=settings.sigma_small,
-            rescale_timesteps=settings.rescale_timesteps,
-            in_channels=net.in_channels,
-            image_size=net.image_size,
-        )
-
-    def with_net(self, net: nn.Module) -> "Denoiser":
-        """The same denoiser around another network (e.g. a compiled one sharing the weights)."""
-        return Denoiser(
-            net, self.schedule, learn_sigma=self.learn_sigma, sigma_small=self.sigma_small,
-            rescale_timesteps=self.rescale_timesteps, in_channels=self.in_channels, image_size=self.image_size,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"schedule={self.schedule.name}(T={self.schedule.T}), learn_sigma={self.learn_sigma}, "
-            f"sigma_small={self.sigma_small}, rescale_timesteps={self.rescale_timesteps}, "
-            f"in_channels={self.in_channels}, image_size={self.image_size}"
-        )
-
-
-class _DiffusersEps(nn.Module):
-    """Adapts a diffusers ``UNet2DModel`` to the ``net(x, t) -> Tensor`` call of ``Denoiser``."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.unet(x, t, return_dict=False)[0]
-
-
 def load_denoiser(source: str, model_flags: str | dict | None = None, device: Device = "cpu") -> Denoiser:
     """Load a denoiser from ``openai:PATH`` (needs ``model_flags``), ``diffusers:DIR`` or ``digits``.
 
@@ -218,12 +120,12 @@ def load_denoiser(source: str, model_flags: str | dict | None = None, device: De
 
 def _wrap(exc: BaseException, path: Path | str, what: str) -> UserError:
     """A one-line UserError for ``exc`` that names ``path`` (unet.py's messages usually do already)."""
-    msg = _first_line(exc)
+    msg = first_line(exc)
     return UserError(msg if str(path) in msg else f"{what} {path}: {msg}")
 
 
 def _openai_flags(model_flags: str | dict) -> dict:
-    from workers.unet import unet_flags_from_json
+    from workers.unet_flags import unet_flags_from_json
 
     if isinstance(model_flags, dict):
         return dict(model_flags)
@@ -236,7 +138,8 @@ def _openai_flags(model_flags: str | dict) -> dict:
 
 def _load_openai(path: str, model_flags: str | dict) -> Denoiser:
     """Build the OpenAI UNet from its flags, load the checkpoint strictly, attach its schedule."""
-    from workers.unet import diffusion_settings, load_openai_checkpoint
+    from workers.checkpoint import load_openai_checkpoint
+    from workers.unet_flags import diffusion_settings
 
     ckpt = _require_file(path, "checkpoint")
     flags = _openai_flags(model_flags)
@@ -307,7 +210,7 @@ def _load_diffusers(path: str) -> Denoiser:
         scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_path.parent)))
         unet = UNet2DModel.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
     except Exception as exc:  # corrupt weights or config: the user must fix the directory
-        raise UserError(f"cannot load diffusers model {root}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot load diffusers model {root}: {first_line(exc)}") from exc
 
     cfg = scheduler.config
     if cfg.prediction_type != "epsilon":
@@ -337,7 +240,7 @@ def _load_diffusers(path: str) -> Denoiser:
     name, betas = _exact_betas(cfg, scheduler.betas.double().numpy())
     size = ucfg.sample_size
     return Denoiser(
-        _DiffusersEps(unet),
+        DiffusersEps(unet),
         NoiseSchedule(name, betas),
         learn_sigma=learn_sigma,
         sigma_small=sigma_small,
@@ -349,78 +252,6 @@ def _load_diffusers(path: str) -> Denoiser:
 
 # --------------------------------------------------------------------------------------------
 # classifier
-
-
-class Classifier(nn.Module):
-    """Maps images in [0,1] at data resolution (N,C,H,W) to logits (N, num_classes).
-
-    Owns the preprocessing the wrapped network expects, in this order: grey-to-RGB channel
-    repeat, bicubic resize (to ``size`` = (H, W), or shortest edge ``size`` = int), center crop
-    to ``crop``, then ``(x - mean) / std``. Each step is skipped when its setting is None.
-
-    The resize uses ``antialias=True``: with it torch's bicubic is PIL's bicubic (cubic
-    coefficient -0.5, filter widened when downsizing), which is how Hugging Face image processors
-    and timm prepared the classifiers' training data. This matters when *upsizing* too
-    (32 -> 224, 256 -> 512): antialias=False switches to the -0.75 kernel and moves pixels by up
-    to ~0.09 on random images.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        num_classes: int,
-        *,
-        size: tuple[int, int] | int | None = None,
-        crop: tuple[int, int] | None = None,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
-        in_channels: int | None = None,
-        hf_output: bool = False,
-        antialias: bool = True,
-    ):
-        super().__init__()
-        self.net = net
-        self.num_classes = int(num_classes)
-        self.size = size
-        self.crop = crop
-        self.in_channels = in_channels
-        self.hf_output = hf_output
-        self.antialias = antialias
-        # Buffers follow .to(device/dtype) with the module; non-persistent: not part of any weights.
-        self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def _target_size(self, h: int, w: int) -> tuple[int, int]:
-        if isinstance(self.size, int):
-            # Shortest edge to `size`, aspect kept, long side truncated as transformers does.
-            short, long = (h, w) if h <= w else (w, h)
-            new_long = int(self.size * long / short)
-            return (self.size, new_long) if h <= w else (new_long, self.size)
-        return tuple(self.size)  # type: ignore[arg-type]
-
-    def preprocess(self, x01: Tensor) -> Tensor:
-        """The network input for images in [0,1]."""
-        x = x01
-        if self.in_channels == 3 and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if self.size is not None:
-            target = self._target_size(x.shape[-2], x.shape[-1])
-            if tuple(x.shape[-2:]) != target:
-                x = F.interpolate(x, size=target, mode="bicubic", align_corners=False, antialias=self.antialias)
-        if self.crop is not None:
-            ch, cw = self.crop
-            top = (x.shape[-2] - ch) // 2
-            left = (x.shape[-1] - cw) // 2
-            x = x[..., top : top + ch, left : left + cw]
-        if self.mean is not None:
-            x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return x
-
-    def forward(self, x01: Tensor) -> Tensor:
-        x = self.preprocess(x01)
-        if self.hf_output:
-            return self.net(pixel_values=x).logits
-        return self.net(x)
 
 
 def load_classifier(
@@ -497,7 +328,7 @@ def _load_hf(path: str) -> Classifier:
         model = AutoModelForImageClassification.from_pretrained(str(root), local_files_only=True)
         proc = AutoImageProcessor.from_pretrained(str(root), local_files_only=True)
     except Exception as exc:  # corrupt weights, unknown architecture, bad JSON
-        raise UserError(f"cannot load Hugging Face classifier {root}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot load Hugging Face classifier {root}: {first_line(exc)}") from exc
     size, crop = _hf_geometry(proc, root)
     mean = std = None
     if getattr(proc, "do_normalize", True):
@@ -521,7 +352,7 @@ def _load_torchscript(path: str, input_shape: tuple[int, int, int] | None) -> Cl
     try:
         net = torch.jit.load(str(file), map_location="cpu")
     except Exception as exc:  # not a TorchScript archive
-        raise UserError(f"cannot load TorchScript file {file}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot load TorchScript file {file}: {first_line(exc)}") from exc
     num_classes = getattr(net, "num_classes", None)
     if not isinstance(num_classes, int):
         if input_shape is None:
@@ -551,26 +382,12 @@ def _load_digits_classifier() -> Classifier:
 # provenance
 
 
-def _sha256(path: Path) -> str:
-    try:
-        from pipeline.storage import sha256_file
-    except ImportError:
-        sha256_file = None
-    if sha256_file is not None:
-        return sha256_file(str(path))
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _hash_tree(path: Path) -> dict[str, str]:
     """{relative path: sha256} for a file (its name) or every file under a directory."""
     if path.is_file():
-        return {path.name: _sha256(path)}
+        return {path.name: storage.sha256_file(str(path))}
     if path.is_dir():
-        return {f.relative_to(path).as_posix(): _sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
+        return {f.relative_to(path).as_posix(): storage.sha256_file(str(f)) for f in sorted(path.rglob("*")) if f.is_file()}
     raise UserError(f"model file or directory not found: {path} (check the path)")
 
 
@@ -578,7 +395,7 @@ def describe_source(source: str, model_flags: str | dict | None = None) -> dict:
     """Provenance of a model source for the run manifest: {"source", "files": {relpath: sha256}}.
 
     ``model_flags`` (openai only) adds the flags file's hash, or the flags themselves when given
-    as a dict. S3 sources are hashed from their local copy (``pipeline.storage.fetch``).
+    as a dict. S3 sources are hashed from their local copy (``workers.storage.fetch``).
     """
     scheme, rest = _split(source)
     out: dict[str, Any] = {"source": source}

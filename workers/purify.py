@@ -10,10 +10,11 @@ method, so the three methods see the same noisy inputs (common random numbers).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from workers.contract import METHODS, copies, unet_forwards_per_draw
 from workers.schedule import (
     DensePureScheduler,
     one_shot_denoise,
@@ -22,10 +23,7 @@ from workers.schedule import (
 )
 
 if TYPE_CHECKING:
-    from workers.models import Denoiser
-
-Method = Literal["cohen", "dds", "densepure"]
-METHODS: tuple[str, ...] = ("cohen", "dds", "densepure")
+    from workers.denoiser import Denoiser
 
 
 @dataclass(frozen=True)
@@ -48,20 +46,11 @@ class PurifySpec:
     @property
     def copies(self) -> int:
         """Purified copies per draw: K for DensePure, 1 otherwise."""
-        return self.votes if self.method == "densepure" else 1
-
-    @property
-    def table_steps(self) -> int:
-        """The ``steps`` column of the table: 0 for Cohen, 1 for DDS, b for DensePure."""
-        return {"cohen": 0, "dds": 1}.get(self.method, self.steps)
+        return copies(self.method, self.votes)
 
     def unet_forwards_per_draw(self) -> int:
         """Network evaluations per draw: the K votes share the first step (1 + K (b - 1))."""
-        if self.method == "cohen":
-            return 0
-        if self.method == "dds":
-            return 1
-        return 1 + self.votes * (self.steps - 1)
+        return unet_forwards_per_draw(self.method, self.steps, self.votes)
 
 
 def draw_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:

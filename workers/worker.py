@@ -2,6 +2,7 @@
 
 ``CertifyWorker`` is a plain class; ``pipeline/pool.py`` wraps it with ``ray.remote`` (one per GPU),
 and tests or a single-process run can use it directly. ``run_unit`` is the pure step both use.
+Nothing here imports the driver package (``pipeline``), click or Ray.
 """
 
 from __future__ import annotations
@@ -10,29 +11,13 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.plan import WorkUnit
+from workers.contract import ModelSpec, UnitRecord, WorkUnit
 from workers.engine import Engine
 from workers.purify import PurifySpec
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a worker loads: model and data sources plus execution settings."""
-
-    dataset: str
-    classifier: str
-    denoiser: str | None = None
-    model_flags: dict | str | None = None
-    device: str = "auto"
-    batch_size: int | None = None
-    precision: str = "auto"
-    compile: bool = False
-    needs_denoiser: bool = True
 
 
 def resolve_device(device: str) -> str:
@@ -57,38 +42,38 @@ def build_engine(spec: ModelSpec, image_shape: tuple[int, int, int] | None = Non
     return Engine(classifier, denoiser, device=device, batch_size=spec.batch_size, precision=spec.precision, compile=spec.compile)
 
 
-def run_unit(engine: Engine, image: Any, unit: WorkUnit, worker: str = "local") -> dict[str, Any]:
-    """Compute one unit and return its unit-log record (see ``pipeline/rundir.py``)."""
+def run_unit(engine: Engine, image: Any, unit: WorkUnit, worker: str = "local") -> UnitRecord:
+    """Compute one unit and return its unit-log record."""
     spec = PurifySpec(unit.method, unit.sigma, max(unit.steps, 1), unit.max_votes)
     result = engine.count(image, spec, unit.draw_seeds(), unit.votes)
     t_star = engine.purifier(spec).t_star
-    return {
-        "unit_id": unit.unit_id,
-        "image_id": unit.image_id,
-        "label": unit.label,
-        "sigma": unit.sigma,
-        "method": unit.method,
-        "steps": unit.steps,
-        "phase": unit.phase,
-        "start": unit.start,
-        "num_draws": unit.num_draws,
-        "votes": list(unit.votes),
-        "counts": result.counts.tolist(),
-        "t_star": math.nan if t_star is None else float(t_star),
-        "seconds": result.seconds,
-        "unet_forwards": result.unet_forwards,
-        "classifier_calls": result.classifier_calls,
-        "worker": worker,
-        "engine": engine.describe(),
-        "finished_at": time.time(),
-    }
+    return UnitRecord(
+        unit_id=unit.unit_id,
+        image_id=unit.image_id,
+        label=unit.label,
+        sigma=unit.sigma,
+        method=unit.method,
+        steps=unit.steps,
+        phase=unit.phase,
+        start=unit.start,
+        num_draws=unit.num_draws,
+        votes=list(unit.votes),
+        counts=result.counts.tolist(),
+        t_star=math.nan if t_star is None else float(t_star),
+        seconds=result.seconds,
+        unet_forwards=result.unet_forwards,
+        classifier_calls=result.classifier_calls,
+        worker=worker,
+        engine=engine.describe(),
+        finished_at=time.time(),
+    )
 
 
 class CertifyWorker:
     """Loads the models and the dataset once, then runs work units (one instance per GPU)."""
 
     def __init__(self, spec: ModelSpec):
-        from pipeline.data import load_dataset
+        from workers.data import load_dataset
 
         torch.set_grad_enabled(False)
         self.spec = spec
@@ -100,6 +85,6 @@ class CertifyWorker:
         """Returns once the models are loaded (actor construction is asynchronous in Ray)."""
         return self.name
 
-    def run(self, unit: WorkUnit) -> dict[str, Any]:
+    def run(self, unit: WorkUnit) -> UnitRecord:
         image, _ = self.dataset.get(unit.image_id)
         return run_unit(self.engine, image, unit, self.name)

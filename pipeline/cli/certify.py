@@ -1,0 +1,47 @@
+"""``densepure certify`` and the jobs in ``jobs/`` (the same command with a preset's defaults)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from pipeline.cli.errors import Command, handle_user_errors
+from pipeline.cli.options import certify_options, load_preset
+
+__all__ = ["certify", "certify_main"]
+
+
+def _run_certify(ray_address: str | None, show_report: bool, **options: Any) -> None:
+    from pipeline.config import RunConfig
+    from pipeline.run import certify_run
+
+    config = RunConfig.from_dict(options)
+    summary = certify_run(config, log=lambda m: click.echo(m, err=True), ray_address=ray_address)
+    if show_report and len(summary.table):
+        from pipeline.formats import format_table
+        from pipeline.metrics import certified_accuracy
+        from pipeline.plots import plot_certified_accuracy
+        from workers import storage
+
+        radii = sorted({0.0, *[round(s * f, 3) for s in config.sigmas for f in (0.5, 1.0, 1.5, 2.0)]})
+        click.echo(format_table(certified_accuracy(summary.table, radii), "markdown"))
+        if not storage.is_s3(config.out):
+            plot = storage.join(config.out, "certified_accuracy.png")
+            plot_certified_accuracy(summary.table, plot)
+            click.echo(f"plot: {plot}")
+
+
+@click.command("certify", cls=Command)
+@certify_options
+@click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray).")
+@click.option("--report/--no-report", "show_report", default=True, show_default=True, help="Print the certified-accuracy table at the end.")
+@handle_user_errors
+def certify(**options: Any) -> None:
+    """Certify a dataset with Cohen smoothing, DDS and DensePure on a Ray cluster (or locally)."""
+    _run_certify(**options)
+
+
+def certify_main(preset: str, prog_name: str) -> None:
+    """Run ``certify`` with the defaults of ``configs/presets/<preset>.yaml`` (the jobs' entry point)."""
+    certify.main(prog_name=prog_name, default_map=load_preset(preset, certify))

@@ -1,0 +1,192 @@
+"""CLI commands over finished (or running) runs: ``report``, ``status`` and ``export``.
+
+The CLI group lives in :mod:`pipeline.cli`, which registers these commands. Each
+command raises :class:`workers.errors.UserError` for problems the user can fix;
+:func:`handle_user_errors` turns those into one line ``error: ...`` and exit code 2.
+Tables go to stdout and notes (partial runs, written files) to stderr, so
+``densepure report RUN --format csv > table.csv`` yields a clean file.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import click
+
+from pipeline.analysis import PartialRunWarning, export_tsv, load_runs
+from pipeline.cli.errors import handle_user_errors
+from pipeline.formats import format_table
+from pipeline.metrics import DEFAULT_BY, certified_accuracy, check_confidence, check_radii
+from pipeline.plots import plot_certified_accuracy
+from pipeline.status import format_status, run_status
+from workers.errors import UserError
+
+__all__ = ["export", "parse_radii", "report", "status"]
+
+DEFAULT_RADII = "0 0.25 0.5 0.75 1.0"
+
+# --------------------------------------------------------------------------- --radii parsing
+
+
+def _split_radii(text: str) -> list[str]:
+    return [t for t in text.replace(",", " ").split() if t]
+
+
+def _is_radius_token(token: str) -> bool:
+    """True if the token is one or more numbers (comma or space separated)."""
+    parts = _split_radii(token)
+    if not parts:
+        return False
+    try:
+        for p in parts:
+            float(p)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_radii(text: str) -> tuple[float, ...]:
+    """Radii from ``"0 0.25 0.5"`` or ``"0,0.25,0.5"``; UserError on anything else."""
+    parts = _split_radii(text)
+    if not parts:
+        raise UserError("--radii needs at least one number, e.g. --radii 0 0.25 0.5")
+    try:
+        radii = [float(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--radii takes numbers (got {text!r}), e.g. --radii 0 0.25 0.5") from None
+    return tuple(check_radii(radii))
+
+
+def _gather_radii(args: list[str]) -> list[str]:
+    """Rewrite ``--radii 0 0.25 0.5`` (several tokens) into ``--radii "0 0.25 0.5"`` (one value).
+
+    Numeric tokens right after ``--radii`` belong to it; the first non-numeric token
+    (a run folder or another option) ends the list. A run folder whose name is a
+    number must therefore be written as a path, e.g. ``./0.5``. Nothing after
+    ``--`` is touched.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            out.extend(args[i:])
+            break
+        if token == "--radii" or token.startswith("--radii="):
+            values = [token.split("=", 1)[1]] if "=" in token else []
+            i += 1
+            while i < len(args) and _is_radius_token(args[i]):
+                values.append(args[i])
+                i += 1
+            if not values:
+                raise click.UsageError("--radii needs at least one number, e.g. --radii 0 0.25 0.5")
+            out += ["--radii", " ".join(values)]
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+class RadiiCommand(click.Command):
+    """A click command whose ``--radii`` option takes any number of values (``RUN... --radii R...``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _gather_radii(list(args)))
+
+
+def _notes_from_warnings(caught: list[warnings.WarningMessage]) -> None:
+    for w in caught:
+        if issubclass(w.category, PartialRunWarning):
+            click.echo(f"note: {w.message}", err=True)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.command("report", cls=RadiiCommand)
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...")
+@click.option(
+    "--radii",
+    default=DEFAULT_RADII,
+    show_default=True,
+    metavar="R...",
+    help="Radii (columns of the table): several numbers, e.g. --radii 0 0.25 0.5 or --radii 0,0.25,0.5.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["markdown", "latex", "csv"]),
+    default="markdown",
+    show_default=True,
+    help="Table format printed on stdout.",
+)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, help="Also save certified-accuracy curves as this PNG.")
+@click.option(
+    "--confidence",
+    type=float,
+    default=None,
+    help="Print Clopper-Pearson lower bounds on certified accuracy at this confidence (e.g. 0.999) instead of point estimates.",
+)
+@handle_user_errors
+def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, confidence: float | None) -> None:
+    """Certified-accuracy table (rows method/sigma/K/steps, columns radii) of one or more runs.
+
+    Unfinished runs are reported on their finished images, with a note. With
+    several runs, each row also names its run.
+    """
+    radii_values = parse_radii(radii)
+    check_confidence(confidence)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PartialRunWarning)
+        df = load_runs(list(runs))
+    _notes_from_warnings(caught)
+    if df.empty:
+        raise UserError("no finished certificates yet; check progress with `densepure status RUN`")
+    # Several runs are separate experiments (e.g. two datasets): never pool them.
+    by = (("run",) if len(runs) > 1 else ()) + DEFAULT_BY
+    acc = certified_accuracy(df, radii_values, by=by, confidence=confidence)
+    click.echo(format_table(acc, fmt), nl=False)
+    if confidence is not None:
+        click.echo(
+            f"note: values are {confidence:g}-confidence Clopper-Pearson lower bounds on certified accuracy "
+            "over the image distribution, not point estimates",
+            err=True,
+        )
+    if plot_path:
+        plot_certified_accuracy(df, plot_path, by=by)
+        click.echo(f"plot: {plot_path}", err=True)
+
+
+@click.command("status")
+@click.argument("run")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@handle_user_errors
+def status(run: str, as_json: bool) -> None:
+    """Progress, cost, throughput and ETA of a run, with certified accuracy at r=0 so far."""
+    info = run_status(run)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=2, default=str))
+    else:
+        click.echo(format_status(info))
+
+
+@click.command("export")
+@click.argument("run")
+@click.option("--tsv", "out", required=True, type=click.Path(dir_okay=False), help="Output file in Cohen et al.'s certify.py format.")
+@click.option("--sigma", type=float, default=None, help="Noise level of the group to export.")
+@click.option("--method", type=str, default=None, help="cohen, dds or densepure.")
+@click.option("--votes", type=int, default=None, help="Number of votes K.")
+@click.option("--steps", type=int, default=None, help="Reverse steps b.")
+@handle_user_errors
+def export(
+    run: str, out: str, sigma: float | None, method: str | None, votes: int | None, steps: int | None
+) -> None:
+    """Write one smoothed classifier of RUN as Cohen's TSV (idx, label, predict, radius, correct, time)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PartialRunWarning)
+        count = export_tsv(run, out, sigma=sigma, method=method, votes=votes, steps=steps)
+    _notes_from_warnings(caught)
+    click.echo(f"wrote {count} images to {out}", err=True)

@@ -1,0 +1,99 @@
+"""The run manifest (``RUN/manifest.json``): what a run is, where it stands, and what it cost.
+
+One typed record instead of a dict literal and ``.get()`` fallbacks: the driver writes it at every
+state change, ``status``/``report``/``load_run`` read it, and ``--overwrite`` deletes a folder only
+when its manifest is one of ours (:data:`FORMAT` marker and a known version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.errors import UserError
+
+__all__ = ["FORMAT", "STATUSES", "VERSION", "Cost", "Manifest"]
+
+FORMAT = "densepure-run"
+"""The marker that makes a manifest ours."""
+VERSION = 1
+"""The run folder format. Bumped whenever the same configuration would give other draws (seeds,
+sampler) or the folder layout changes: a run of another version is refused, never mixed with new
+draws."""
+STATUSES = ("running", "complete", "failed", "stopped")
+
+
+@dataclass
+class Cost:
+    """Totals over the unit log: worker busy seconds, network evaluations, draws."""
+
+    gpu_seconds: float = 0.0
+    unet_forwards: int = 0
+    classifier_calls: int = 0
+    draws: int = 0
+
+
+@dataclass
+class Manifest:
+    """Everything a run folder says about itself besides its results."""
+
+    run_id: str
+    config: dict[str, Any]
+    fingerprint: str = ""
+    status: str = "running"
+    models: dict[str, Any] = field(default_factory=dict)
+    package_version: str = "0+unknown"
+    created_at: str = ""
+    updated_at: str = ""
+    units_total: int = 0
+    units_done: int = 0
+    images_total: int = 0
+    attempts: int = 1
+    cost: Cost = field(default_factory=Cost)
+    error: str | None = None
+    format: str = FORMAT
+    version: int = VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest.json") -> "Manifest":
+        """Parse a manifest; UserError (one line) when it is not a manifest of this version.
+
+        A folder whose ``manifest.json`` lacks our format marker is not a run of this project;
+        one with the marker and another version was written by an incompatible version.
+        """
+        if not is_ours(data):
+            raise UserError(f"{where} is not a densepure run manifest; point at a run folder written by densepure")
+        version = _version(data)
+        if version != VERSION:
+            raise UserError(
+                f"{where} was written by another version of densepure (run format {version}, this version reads "
+                f"{VERSION}): its draws cannot be mixed with new ones; use another --out, or --overwrite to replace it"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["cost"] = Cost(**{k: v for k, v in (data.get("cost") or {}).items() if k in {f.name for f in dataclasses.fields(Cost)}})
+            manifest = cls(**values)
+        except TypeError as exc:
+            raise UserError(f"{where} is damaged ({exc}); use another --out, or --overwrite to replace it") from None
+        if not isinstance(manifest.config, dict) or manifest.status not in STATUSES:
+            raise UserError(f"{where} is damaged (config or status unreadable); use another --out, or --overwrite to replace it")
+        return manifest
+
+
+def is_ours(data: Any) -> bool:
+    """Whether ``data`` (a parsed manifest.json) was written by this project, whatever its version."""
+    if not isinstance(data, dict):
+        return False
+    if data.get("format") == FORMAT:
+        return isinstance(data.get("version"), int)
+    # Format 1 folders (before the marker) stored the version as ``format`` beside run_id and config.
+    return data.get("format") == 1 and "run_id" in data and "config" in data
+
+
+def _version(data: dict[str, Any]) -> int:
+    return int(data["version"]) if data.get("format") == FORMAT else int(data["format"])
