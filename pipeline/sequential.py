@@ -65,7 +65,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from scipy.stats import norm
 
-from pipeline.errors import UserError
+from workers.errors import UserError
 from pipeline.stats import Certificate, certify, lower_confidence_bound
 
 __all__ = [

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
-from pipeline.errors import UserError
+from workers.errors import UserError
 from pipeline.sequential import (
     CERTIFIED,
     FIRST_LOOK,
