@@ -31,9 +31,10 @@ reproduces that on GPU; on CPU everything is fp32.
 
 Deliberate differences, none of which changes the amount or kind of work: explicit
 ``torch.Generator`` objects instead of the global RNG and its get/set_rng_state juggling; the
-respaced chain uses the project's discrete abar (``DensePureScheduler``'s convention) instead of
-the reference's continuous cosine lambda, so that this loop computes exactly the engine's
-function (tests/test_bench_reference.py checks that); the K vote "processes" run one after the
+respaced chain's betas come from ``workers.schedule.densepure_chain_betas`` (the reference's own
+rule: discrete abar, or the continuous cosine f at the rounded tau) instead of being recomputed
+inline, so that this loop computes exactly the engine's function (tests/test_bench_reference.py
+checks that); the K vote "processes" run one after the
 other in this process with the models loaded once (the reference would load them K times: not
 counted, in its favour); the merge runs in-process instead of from saved files.
 """
@@ -50,7 +51,7 @@ from torch import nn
 
 from workers.classifier import Classifier
 from workers.denoiser import Denoiser
-from workers.schedule import reverse_timesteps, start_scale, timestep_for_sigma
+from workers.schedule import densepure_chain_betas, reverse_timesteps, start_scale, timestep_for_sigma
 from workers.unet import UNetModel, timestep_embedding
 
 
@@ -123,8 +124,10 @@ class ReferenceLoop:
         self.model: nn.Module = (Fp16TorsoUNet(denoiser.net) if fp16_torso else copy.deepcopy(denoiser.net)).to(self.device).eval()
         self.precision = "fp16 torso (use_fp16)" if fp16_torso else "fp32"
         schedule = denoiser.schedule
-        self.T = schedule.T
-        self.abar_full = schedule.alphas_cumprod
+        self.schedule = schedule
+        self.T = schedule.original_T  # _WrappedModel rescales by the training chain's length
+        # _WrappedModel's map from chain index to original timestep (the identity without respacing).
+        self.timestep_map = torch.tensor(schedule.timestep_map or range(schedule.T), dtype=torch.long)
         # Runner.__init__: scale = sqrt(1 / (1 + 4 sigma^2)) and t* (closed form or nearest integer).
         self.scale = start_scale(sigma)
         self.t = timestep_for_sigma(schedule, sigma, "densepure")
@@ -193,11 +196,7 @@ class ReferenceLoop:
 
     def _respace(self, indices_t_steps: list[int]) -> None:
         """The arrays the reference recomputes at the first step of every image_editing_sample."""
-        chain = [0] + indices_t_steps[::-1]
-        betas = np.array(
-            [min(1 - self.abar_full[chain[i + 1]] / self.abar_full[chain[i]], 0.999) for i in range(len(chain) - 1)],
-            dtype=np.float64,
-        )
+        betas = densepure_chain_betas(self.schedule, indices_t_steps)
         alphas = 1.0 - betas
         abar = np.cumprod(alphas, axis=0)
         abar_prev = np.append(1.0, abar[:-1])
@@ -238,7 +237,8 @@ class ReferenceLoop:
     def p_mean_variance(self, x: torch.Tensor, t: torch.Tensor, real_t: torch.Tensor) -> dict[str, torch.Tensor]:
         a = self._arrays
         B, C = x.shape[:2]
-        scaled = real_t.float() * (1000.0 / self.T) if self.rescale_timesteps else real_t
+        mapped = self.timestep_map.to(real_t.device)[real_t]
+        scaled = mapped.float() * (1000.0 / self.T) if self.rescale_timesteps else mapped
         model_output = self.model(x, scaled)
         if self.learn_sigma:
             model_output, model_var_values = torch.split(model_output, C, dim=1)

@@ -30,7 +30,7 @@ from workers import storage
 from workers.classifier import Classifier
 from workers.denoiser import Denoiser, DiffusersEps
 from workers.errors import UserError, first_line
-from workers.schedule import NoiseSchedule
+from workers.schedule import NoiseSchedule, openai_schedule
 
 Device = str | torch.device
 _M = TypeVar("_M", bound=nn.Module)
@@ -94,7 +94,7 @@ def load_denoiser(source: str, model_flags: str | dict | None = None, device: De
 
     ``model_flags``: the OpenAI script_util flags the checkpoint was trained with, as a dict or
     a JSON file (either the flags themselves or an object with a ``flags`` key; parsed by
-    ``workers.unet.unet_flags_from_json``). Ignored for the other schemes.
+    ``workers.unet_flags.unet_flags_from_json``). Ignored for the other schemes.
     """
     scheme, rest = _split(source)
     if scheme == "openai":
@@ -145,20 +145,18 @@ def _load_openai(path: str, model_flags: str | dict) -> Denoiser:
     flags = _openai_flags(model_flags)
     try:
         settings = diffusion_settings(flags)  # also refuses predict_xstart and unknown schedules
+        # The sampling chain as create_gaussian_diffusion builds it: timestep_respacing is honoured
+        # (SpacedDiffusion), and a bad respacing string is a flags error.
+        schedule = openai_schedule(settings.noise_schedule, settings.diffusion_steps, settings.timestep_respacing)
     except ValueError as exc:
         raise _wrap(exc, ckpt, "bad model flags for") from exc
-    if settings.timestep_respacing:
-        raise UserError(
-            f"model flags for {ckpt} set timestep_respacing={settings.timestep_respacing!r}: "
-            "remove it (the pipeline respaces the chain itself)"
-        )
     try:
         net = load_openai_checkpoint(str(ckpt), flags)
     except Exception as exc:  # corrupt file, wrong flags, unreadable pickle: all fixable by the user
         raise _wrap(exc, ckpt, "cannot load") from exc
     if net.num_classes is not None:
         raise UserError(f"{ckpt} is class-conditional (class_cond): only unconditional models are supported")
-    return Denoiser.from_openai(net, settings)
+    return Denoiser.from_openai(net, settings, schedule)
 
 
 def _scheduler_config_path(root: Path) -> Path | None:

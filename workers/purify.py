@@ -17,6 +17,7 @@ import torch
 from workers.contract import METHODS, copies, unet_forwards_per_draw
 from workers.schedule import (
     DensePureScheduler,
+    check_sampler,
     one_shot_denoise,
     start_scale,
     timestep_for_sigma,
@@ -73,6 +74,9 @@ class Purifier:
         self.denoiser = denoiser
         self.t_star: float | None = None
         self.scheduler: DensePureScheduler | None = None
+        if denoiser is not None and spec.method != "cohen":
+            # Refuse, with a message that says what works, what would give NaN, pure-noise or clamped starts.
+            check_sampler(denoiser.schedule, spec.sigma, spec.steps, spec.method)
         if denoiser is not None and spec.method == "dds":
             self.t_star = timestep_for_sigma(denoiser.schedule, spec.sigma, "carlini")
         elif denoiser is not None and spec.method == "densepure":

@@ -21,7 +21,7 @@ from workers.errors import UserError
 from workers.classifier import Classifier
 from workers.denoiser import Denoiser
 from workers.models import describe_source, load_classifier, load_denoiser
-from workers.schedule import NoiseSchedule
+from workers.schedule import NoiseSchedule, openai_schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_DENOISER = ROOT / "workers" / "assets" / "digits" / "denoiser.safetensors"
@@ -302,7 +302,10 @@ def test_openai_denoiser(tmp_path: Path, suffix: str, learn_sigma: bool) -> None
     den = load_denoiser(f"openai:{path}", str(flags_file))
     _assert_inference_ready(den)
     assert den.schedule.name == "cosine" and den.schedule.T == 4000
-    np.testing.assert_array_equal(den.schedule.betas, NoiseSchedule.from_name("cosine", 4000).betas)
+    # The chain create_gaussian_diffusion builds: through SpacedDiffusion even without respacing, so
+    # the betas are recomputed from abar (~1e-12 relative) while abar itself is the training one.
+    np.testing.assert_array_equal(den.schedule.betas, openai_schedule("cosine", 4000).betas)
+    np.testing.assert_array_equal(den.schedule.alphas_cumprod, NoiseSchedule.from_name("cosine", 4000).alphas_cumprod)
     assert (den.learn_sigma, den.sigma_small, den.rescale_timesteps) == (learn_sigma, False, True)
     assert (den.in_channels, den.image_size) == (1, 8)
 
@@ -345,9 +348,11 @@ def test_openai_errors(tmp_path: Path) -> None:
         load_denoiser(f"openai:{path}", {**flags, "num_channels": 64})
     _one_line_user_error(e, str(path), "does not match")
 
+    # timestep_respacing is honoured (SpacedDiffusion); only strings OpenAI cannot space are refused.
+    assert load_denoiser(f"openai:{path}", {**flags, "timestep_respacing": "100"}).schedule.T == 100
     with pytest.raises(UserError) as e:
-        load_denoiser(f"openai:{path}", {**flags, "timestep_respacing": "100"})
-    _one_line_user_error(e, "timestep_respacing")
+        load_denoiser(f"openai:{path}", {**flags, "timestep_respacing": "2000"})
+    _one_line_user_error(e, "timestep_respacing", str(path))
 
     missing = tmp_path / "nope.pt"
     with pytest.raises(UserError) as e:
