@@ -8,14 +8,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.config import RunConfig
+from pipeline.plan import GroupState, group_key, looks_of, sequential_plan
 from pipeline.rundir import RunDir
-from pipeline.stats import certify
+from pipeline.sequential import radius_status, sequential_certify
+from pipeline.stats import Certificate, certify
 from workers.contract import UnitRecord
 
+__all__ = ["TABLE_COLUMNS", "Aggregator", "group_certificates", "table_from_units"]
+
 TABLE_COLUMNS = [
-    "image_id", "label", "sigma", "method", "votes", "steps", "n0", "n", "alpha",
-    "prediction", "count", "p_lower", "radius", "correct", "abstain",
-    "t_star", "seconds", "unet_forwards", "classifier_calls",
+    "image_id", "label", "sigma", "method", "votes", "steps", "n0", "n", "alpha", "sampling", "n_used",
+    "prediction", "count", "p_lower", "radius", "correct", "abstain", "radii_certified",
+    "t_star", "seconds", "unet_forwards", "classifier_calls", "votes_computed", "votes_skipped",
 ]
 
 
@@ -53,56 +58,78 @@ class Aggregator:
         self._last_flush = time.monotonic()
 
 
-def _sum_counts(rows: pd.DataFrame) -> np.ndarray:
-    """Element-wise sum of the units' (votes, classes) count arrays."""
-    return np.sum([np.array([np.asarray(c, dtype=np.int64) for c in counts]) for counts in rows["counts"]], axis=0)
+def group_certificates(group: GroupState) -> list[tuple[int, Certificate, tuple[float, ...]]]:
+    """(K, certificate, requested radii certified) per vote count of a finished group.
 
-
-def table_from_units(units: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
-    """Certification rows for every (image, sigma, method) whose draws are all in ``units``.
-
-    One row per (image, sigma, method, votes). Incomplete groups (a partial run) are left out;
-    cost columns are the group's totals, shared by its vote rows (they come from one computation).
+    Fixed sampling: Cohen's CERTIFY on all n estimation draws. Sequential: the bound at the
+    stopping look at level alpha / L (``pipeline.sequential.sequential_certify``); the radii
+    certified are those of the requested radii whose threshold the bound reaches.
     """
-    n0, n, alpha = int(config["n0"]), int(config["n"]), float(config["alpha"])
-    rows: list[dict[str, Any]] = []
-    if len(units) == 0:
-        return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in TABLE_COLUMNS})
-    units = units.drop_duplicates("unit_id", keep="first")
-    for (image_id, sigma, method), group in units.groupby(["image_id", "sigma", "method"], sort=True):
-        select = group[group["phase"] == "select"]
-        estimate = group[group["phase"] == "estimate"]
-        if select["num_draws"].sum() != n0 or estimate["num_draws"].sum() != n:
+    assert group.finished and group.counts0 is not None
+    config = group.config
+    counts = group.estimate_counts(group.n_used)
+    assert counts is not None
+    out = []
+    for v, k in enumerate(group.votes):
+        if group.plan is None:
+            out.append((k, certify(group.counts0[v], counts[v], config.n0, config.n, config.alpha, group.sigma), ()))
             continue
-        counts0, counts = _sum_counts(select), _sum_counts(estimate)
-        votes = list(group["votes"].iloc[0])
-        for v, k in enumerate(votes):
-            cert = certify(counts0[v], counts[v], n0, n, alpha, float(sigma))
-            label = int(group["label"].iloc[0])
-            rows.append(
-                {
-                    "image_id": int(image_id), "label": label, "sigma": float(sigma), "method": method,
-                    "votes": int(k), "steps": int(group["steps"].iloc[0]), "n0": n0, "n": n, "alpha": alpha,
-                    "prediction": cert.prediction, "count": cert.count, "p_lower": cert.p_lower,
-                    "radius": cert.radius, "correct": (not cert.abstain) and cert.prediction == label,
-                    "abstain": cert.abstain, "t_star": float(group["t_star"].iloc[0]),
-                    "seconds": float(group["seconds"].sum()),
-                    "unet_forwards": int(group["unet_forwards"].sum()),
-                    "classifier_calls": int(group["classifier_calls"].sum()),
-                }
-            )
+        cert = sequential_certify(group.counts0[v], counts[v], config.n0, group.n_used, group.plan)
+        status = radius_status(cert.count, group.n_used, group.plan) if not cert.abstain else ()
+        certified = tuple(r for r, s in zip(group.plan.radii, status) if s == "certified")
+        out.append((k, cert, certified))
+    return out
+
+
+def table_from_units(units: pd.DataFrame, config: dict[str, Any] | RunConfig) -> pd.DataFrame:
+    """Certification rows of every finished (image, sigma, method) group in ``units``.
+
+    One row per (image, sigma, method, votes). Groups whose draws are not all logged (a partial
+    run) are left out; the stopping looks of sequential groups are replayed from the logged
+    counts (``GroupState``). Cost columns are the group's totals, shared by its vote rows (they
+    come from one computation).
+    """
+    cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(dict(config))
+    if len(units) == 0:
+        return _typed(pd.DataFrame(columns=TABLE_COLUMNS))
+    units = units.drop_duplicates("unit_id", keep="first")
+    looks = looks_of(cfg)
+    rows: list[dict[str, Any]] = []
+    for (image_id, sigma, method), part in units.groupby(["image_id", "sigma", "method"], sort=True):
+        group = GroupState(cfg, int(image_id), int(part["label"].iloc[0]), float(sigma), str(method), looks,
+                           sequential_plan(cfg, float(sigma)))
+        for r in part.itertuples(index=False):
+            group.add(r.unit_id, r.phase, r.start, r.num_draws, np.array([np.asarray(c, dtype=np.int64) for c in r.counts]))
+        group.advance()
+        if not group.finished:
+            continue
+        # The units the certificate rests on: selection, and estimation up to the stopping look.
+        used = part[(part["phase"] == "select") | (part["start"] < group.n_used)]
+        for k, cert, certified in group_certificates(group):
+            rows.append({
+                "image_id": group.image_id, "label": group.label, "sigma": group.sigma, "method": group.method,
+                "votes": int(k), "steps": group.steps, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
+                "sampling": cfg.sampling, "n_used": group.n_used,
+                "prediction": cert.prediction, "count": cert.count, "p_lower": cert.p_lower, "radius": cert.radius,
+                "correct": (not cert.abstain) and cert.prediction == group.label, "abstain": cert.abstain,
+                "radii_certified": ",".join(f"{r:g}" for r in certified), "t_star": float(used["t_star"].iloc[0]),
+                "seconds": float(used["seconds"].sum()), "unet_forwards": int(used["unet_forwards"].sum()),
+                "classifier_calls": int(used["classifier_calls"].sum()),
+                "votes_computed": int(used["votes_computed"].sum()), "votes_skipped": int(used["votes_skipped"].sum()),
+            })
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
-    return table.astype({c: _dtype(c) for c in TABLE_COLUMNS}).sort_values(
-        ["method", "sigma", "votes", "image_id"], ignore_index=True
-    )
+    return _typed(table).sort_values(["method", "sigma", "votes", "image_id"], ignore_index=True)
+
+
+def _typed(table: pd.DataFrame) -> pd.DataFrame:
+    return table.astype({c: _dtype(c) for c in TABLE_COLUMNS})
 
 
 def _dtype(column: str) -> str:
-    if column == "method":
+    if column in ("method", "sampling", "radii_certified"):
         return "str"  # pandas' string dtype: the same as a Parquet round trip gives back
     if column in ("correct", "abstain"):
         return "bool"
     if column in ("sigma", "alpha", "p_lower", "radius", "t_star", "seconds"):
         return "float64"
     return "int64"
-

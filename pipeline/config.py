@@ -14,10 +14,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.sequential import FIRST_LOOK, GROWTH
 from workers.contract import DEVICES, METHODS, PRECISIONS, needs_denoiser, vote_counts
+from workers.seeds import MAX_VOTES, sigma_key, sigma_label
 from workers.errors import UserError
 
-__all__ = ["RunConfig", "differing_fields", "option_fields"]
+__all__ = ["SAMPLINGS", "RunConfig", "differing_fields", "option_fields"]
+
+SAMPLINGS = ("fixed", "sequential")
 
 
 def _option(default: Any, help: str, *, flags: tuple[str, ...] = (), choices: tuple[str, ...] | None = None,
@@ -51,7 +55,13 @@ class RunConfig:
     steps: int = _option(2, "DensePure reverse steps b.")
     n0: int = _option(100, "Selection draws.")
     n: int = _option(1000, "Estimation draws.")
-    alpha: float = _option(0.001, "Failure probability of each certificate.")
+    alpha: float = _option(0.001, "Failure probability of each certificate (each row of the table).")
+    sampling: str = _option("fixed", "fixed: every row gets all --n estimation draws (the paper protocol); sequential: "
+                            "draws in rounds and stops once every --radii is decided (same per-row guarantee, "
+                            "--n is the budget).", choices=SAMPLINGS)
+    radii: list[float] | None = _option(None, "Radii sequential sampling must decide (sorted), e.g. 0.25,0.5,0.75.")
+    first_look: int = _option(FIRST_LOOK, "Sequential sampling: estimation draws at the first look.")
+    look_growth: float = _option(GROWTH, "Sequential sampling: growth factor between looks.")
     seed: int = _option(0, "Run seed (every draw's seed derives from it).")
     skip: int = _option(0, "Skip the first images.")
     max_images: int | None = _option(None, "Certify at most this many images.", flags=("--max-images", "--max"))
@@ -65,6 +75,10 @@ class RunConfig:
     workers: int | None = _option(None, "Fixed number of workers (default: one per GPU present).", execution=True)
     max_workers: int | None = _option(None, "Ask the autoscaler for up to this many GPU workers.", execution=True)
     max_retries: int = _option(3, "Fail when one unit fails this many times the same way.", execution=True)
+    early_majority: bool = _option(True, "Stop computing a draw's DensePure votes once every reported K is decided "
+                                   "(exact: the same counts).", switch="--no-early-majority", execution=True)
+    gpu_wait: float = _option(300.0, "Seconds to wait for a GPU worker before failing (30 at most without "
+                              "--max-workers, when only an autoscaler could bring one).", execution=True)
     overwrite: bool = _option(False, "Replace a run with a different config at --out.", execution=True)
     progress: bool = _option(True, "Progress bar on the driver.", switch="--no-progress", execution=True)
 
@@ -72,6 +86,8 @@ class RunConfig:
         self.methods = [m.strip().lower() for m in self.methods]
         self.sigmas = [float(s) for s in self.sigmas]
         self.votes = sorted({int(v) for v in self.votes})
+        if self.radii is not None:
+            self.radii = [float(r) for r in self.radii]
         if self.indices is not None:
             self.indices = [int(i) for i in self.indices]
 
@@ -93,17 +109,23 @@ class RunConfig:
             raise UserError("no sigma given: pass --sigmas, e.g. --sigmas 0.25,0.5")
         for s in self.sigmas:
             validate_protocol(self.n0, self.n, self.alpha, s)
+        keys = [sigma_key(s) for s in self.sigmas]
+        if len(set(keys)) != len(keys):
+            # Seeds and unit ids know a sigma by its value rounded to 6 decimals: two sigmas
+            # that round alike would share every random stream and every unit.
+            twins = sorted({sigma_label(s) for s, k in zip(self.sigmas, keys) if keys.count(k) > 1})
+            raise UserError(f"--sigmas lists {', '.join(twins)} more than once (sigmas are compared at 6 decimals); give each sigma once")
         if self.n0 > self.n:
             # Not undefined, but always a mistake: the certificate's strength comes from n alone.
             raise UserError(f"--n0 {self.n0} is larger than --n {self.n}: selection needs few draws, estimation many (standard: --n0 100 --n 100000)")
-        if not self.votes or self.votes[0] < 1:
-            raise UserError(f"votes must be >= 1, got {self.votes}: pass --votes, e.g. --votes 1,4")
+        if not self.votes or self.votes[0] < 1 or self.votes[-1] > MAX_VOTES:
+            raise UserError(f"--votes must lie in 1..{MAX_VOTES}, got {self.votes}: pass e.g. --votes 1,4")
         if self.steps < 1:
-            raise UserError(f"steps must be >= 1, got {self.steps}: pass --steps 1 or more")
+            raise UserError(f"--steps must be >= 1, got {self.steps}: pass --steps 1 or more")
         if self.chunk < 1:
-            raise UserError(f"chunk must be >= 1, got {self.chunk}")
+            raise UserError(f"--chunk must be >= 1, got {self.chunk}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"batch size must be >= 1, got {self.batch_size}")
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
         if self.device not in DEVICES:
@@ -112,12 +134,59 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.every < 1 or self.skip < 0 or (self.max_images is not None and self.max_images < 1):
-            raise UserError("image selection needs --every >= 1, --skip >= 0 and --max >= 1")
+        if self.every < 1:
+            raise UserError(f"--every must be >= 1, got {self.every}: 1 takes every image (paper: 20 CIFAR-10, 500 ImageNet)")
+        if self.skip < 0:
+            raise UserError(f"--skip must be >= 0, got {self.skip}: the number of leading images to leave out")
+        if self.max_images is not None and self.max_images < 1:
+            raise UserError(f"--max must be >= 1, got {self.max_images}: omit it to take every selected image")
         if self.max_retries < 1:
             raise UserError(f"--max-retries must be >= 1, got {self.max_retries}")
+        if not self.gpu_wait > 0:
+            raise UserError(f"--gpu-wait must be > 0 seconds, got {self.gpu_wait}")
         if self.needs_denoiser and not self.denoiser:
             raise UserError("methods dds/densepure need a denoiser: pass --denoiser (or --methods cohen)")
+        self._validate_sampling()
+
+    def _validate_sampling(self) -> None:
+        from pipeline.sequential import look_schedule, validate_radii
+
+        if self.sampling not in SAMPLINGS:
+            raise UserError(f"unknown --sampling '{self.sampling}': use fixed or sequential")
+        if self.sampling == "fixed":
+            if self.radii is not None:
+                raise UserError("--radii only applies to --sampling sequential (report radii are chosen with densepure report --radii)")
+            return
+        if self.first_look < 1:
+            raise UserError(f"--first-look must be >= 1, got {self.first_look}")
+        try:
+            look_schedule(self.n, self.first_look, self.look_growth)
+        except ValueError as exc:
+            raise UserError(f"--look-growth {self.look_growth}: {exc}") from None
+        self.radii = list(validate_radii(self.radii, self.sigmas, self.n, self.alpha, self.first_look, self.look_growth))
+
+    def validate_sampler(self, flags: dict | None) -> None:
+        """Refuse sigma/steps combinations the denoiser's schedule cannot sample, from its flags alone
+        (before any model is loaded): DDS and DensePure need t* inside the schedule, DensePure b steps
+        of strictly decreasing timesteps from t*."""
+        from workers.schedule import check_sampler, schedule_from_flags
+
+        if flags is None or not self.needs_denoiser:
+            return
+        try:
+            schedule = schedule_from_flags(flags)
+        except ValueError as exc:
+            raise UserError(f"model flags: {exc}") from None
+        for method in self.methods:
+            if method == "cohen":
+                continue
+            if method == "densepure" and self.steps > schedule.T:
+                raise UserError(f"--steps {self.steps} exceeds the schedule's {schedule.T} timesteps; use --steps <= {schedule.T}")
+            for sigma in self.sigmas:
+                try:
+                    check_sampler(schedule, sigma, self.steps, method)
+                except ValueError as exc:
+                    raise UserError(str(exc)) from None
 
     @property
     def needs_denoiser(self) -> bool:

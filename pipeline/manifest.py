@@ -17,10 +17,11 @@ __all__ = ["FORMAT", "STATUSES", "VERSION", "Cost", "Manifest"]
 
 FORMAT = "densepure-run"
 """The marker that makes a manifest ours."""
-VERSION = 1
+VERSION = 2
 """The run folder format. Bumped whenever the same configuration would give other draws (seeds,
 sampler) or the folder layout changes: a run of another version is refused, never mixed with new
-draws."""
+draws. Version 2: full 64-bit seeds with one stream per (draw, vote), the reference-identical
+sampler (respacing, continuous cosine chain), fixed-shape batches, sequential sampling columns."""
 STATUSES = ("running", "complete", "failed", "stopped")
 
 
@@ -32,6 +33,10 @@ class Cost:
     unet_forwards: int = 0
     classifier_calls: int = 0
     draws: int = 0
+    votes_computed: int = 0
+    """DensePure vote trajectories run (one per draw for Cohen and DDS)."""
+    votes_skipped: int = 0
+    """Votes early majority left out: they could not change any reported decision."""
 
 
 @dataclass
@@ -49,6 +54,9 @@ class Manifest:
     units_total: int = 0
     units_done: int = 0
     images_total: int = 0
+    groups_total: int = 0
+    """(image, sigma, method) groups of the run."""
+    groups_done: int = 0
     attempts: int = 1
     cost: Cost = field(default_factory=Cost)
     error: str | None = None

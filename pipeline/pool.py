@@ -1,9 +1,12 @@
 """All of the Ray wiring: an elastic pool of ``CertifyWorker`` actors that runs work units.
 
-The pool starts with the GPUs present (or ``--workers N``), grows as nodes join, asks the
-autoscaler for up to ``--max-workers`` GPUs, reschedules the in-flight units of an actor or node
-that died, and fails the run with the underlying error when one unit fails the same way
-``max_retries`` times. Results go to a callback (the aggregator) on the driver, one per unit.
+The pool takes units from a ``UnitQueue`` that the driver may refill while it runs (sequential
+rounds), hands each actor calls of several units with the same spec (so small units share
+network batches, ``workers.engine.Engine.count_many``), keeps two calls in flight per actor,
+starts with the GPUs present (or ``--workers N``), grows as nodes join, asks the autoscaler for
+up to ``--max-workers`` GPUs, reschedules the in-flight units of an actor or node that died, and
+fails the run with the underlying error when one unit fails the same way ``max_retries`` times
+(``RetryPolicy``) or when no GPU worker can be placed for ``gpu_wait`` seconds.
 """
 
 from __future__ import annotations
@@ -13,24 +16,119 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from workers.contract import ModelSpec, UnitRecord, WorkUnit
-from workers.errors import UserError, first_line
+from workers.errors import UserError, first_line, gist
 from workers.worker import CertifyWorker
 
 log = logging.getLogger(__name__)
 
-# Units queued per actor: one running, one waiting, so an actor never idles between units.
+# Calls queued per actor: one running, one waiting, so an actor never idles between calls.
 _INFLIGHT_PER_ACTOR = 2
 _TICK_SECONDS = 0.5
+# How far down the queue a call looks for more units with the same spec.
+_PACK_LOOKAHEAD = 512
+# Without --max-workers only an autoscaler reacting to pending actors could bring a GPU.
+_GPU_WAIT_WITHOUT_AUTOSCALER = 30.0
+
+__all__ = ["ElasticPool", "RetryPolicy", "UnitFailedError", "UnitQueue", "connect", "use_gpu_actors"]
 
 
 class UnitFailedError(RuntimeError):
     """A unit failed the same way ``max_retries`` times: the run stops with that error."""
+
+
+def _spec_of(unit: WorkUnit) -> tuple:
+    return (unit.sigma, unit.method, unit.steps, unit.votes)
+
+
+class UnitQueue:
+    """Pending units, in the order they should run; the driver adds rounds while the pool runs."""
+
+    def __init__(self, units: Iterable[WorkUnit] = ()):
+        self._units: collections.deque[WorkUnit] = collections.deque(units)
+        self._solo: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._units)
+
+    def extend(self, units: Iterable[WorkUnit]) -> None:
+        self._units.extend(units)
+
+    def put_front(self, units: Sequence[WorkUnit], solo: bool = False) -> None:
+        """Units to run next (a group's next round, or units to retry); ``solo`` ones run one per
+        call, so that a failure is charged to the unit that caused it."""
+        if solo:
+            self._solo.update(u.unit_id for u in units)
+        self._units.extendleft(reversed(list(units)))
+
+    def take(self, max_draws: int) -> list[WorkUnit]:
+        """The next call: the first unit, then later units with the same spec while their draws
+        fit in ``max_draws`` (one unit alone if it is bigger, or must run solo)."""
+        if not self._units:
+            return []
+        first = self._units.popleft()
+        call = [first]
+        if first.unit_id in self._solo:
+            return call
+        draws = first.num_draws
+        spec = _spec_of(first)
+        kept: list[WorkUnit] = []
+        for _ in range(min(_PACK_LOOKAHEAD, len(self._units))):
+            if draws >= max_draws:
+                break
+            unit = self._units.popleft()
+            if _spec_of(unit) == spec and unit.unit_id not in self._solo and draws + unit.num_draws <= max_draws:
+                call.append(unit)
+                draws += unit.num_draws
+            else:
+                kept.append(unit)
+        self._units.extendleft(reversed(kept))
+        return call
+
+
+@dataclass
+class RetryPolicy:
+    """When to give up: pure bookkeeping of failures, no Ray.
+
+    * a unit that fails with the same error ``max_retries`` times in a row (running alone) ends
+      the run with that error; other failures are retried;
+    * a call of several units that fails is retried one unit per call (``solo``), without
+      charging anyone: only a unit running alone can be blamed;
+    * a ``UserError`` (bad input found by a worker, e.g. non-finite purified images) ends the run
+      at once, since retrying cannot fix it;
+    * workers that keep dying before finishing anything (``max_retries`` per worker slot) end the
+      run: they most likely cannot load the models or run out of memory.
+    """
+
+    max_retries: int = 3
+    failures: dict[str, list[str]] = field(default_factory=lambda: collections.defaultdict(list))
+    startup_failures: int = 0
+
+    def call_failed(self, units: Sequence[WorkUnit], cause: BaseException) -> None:
+        """Raise to stop the run, or return to retry ``units``."""
+        if isinstance(cause, UserError):
+            raise cause
+        if len(units) > 1:
+            return
+        unit = units[0]
+        signature = f"{type(cause).__name__}: {gist(cause)}"
+        history = self.failures[unit.unit_id]
+        history.append(signature)
+        if len(history) >= self.max_retries and len(set(history[-self.max_retries :])) == 1:
+            raise UnitFailedError(f"unit {unit.unit_id} failed {len(history)} times with {signature}") from cause
+
+    def worker_died(self, finished_anything: bool, slots: int, cause: BaseException) -> None:
+        if finished_anything:
+            self.startup_failures = 0
+            return
+        self.startup_failures += 1
+        if self.startup_failures >= self.max_retries * max(1, slots):
+            raise UnitFailedError(f"workers keep dying before finishing a unit: {first_line(cause)}") from cause
 
 
 @dataclass
@@ -42,14 +140,18 @@ class _Actor:
 
 def connect(address: str | None = None) -> None:
     """Connect to the Ray cluster at ``address`` or RAY_ADDRESS (``ray job submit`` sets it);
-    with neither, start a private local instance on the loopback interface (a laptop run)."""
+    with neither, start a private local instance on the loopback interface (a laptop run),
+    without token authentication: it is reachable from this machine only."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", logging_level=logging.WARNING, include_dashboard=False)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+        return
+    # Our own single-machine instance listens on 127.0.0.1 only: Ray's token authentication (and
+    # its warning on every run) protects nothing there. Real clusters keep their settings.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", _node_ip_address="127.0.0.1", logging_level=logging.WARNING, include_dashboard=False)
 
 
 def use_gpu_actors(device: str, max_workers: int | None) -> bool:
@@ -72,17 +174,20 @@ class ElasticPool:
         max_workers: int | None = None,
         max_retries: int = 3,
         gpu: bool | None = None,
+        call_draws: int = 10_000,
+        gpu_wait: float = 300.0,
     ):
         self.spec = spec
         self.fixed_workers = workers
         self.max_workers = max_workers
-        self.max_retries = max_retries
+        self.policy = RetryPolicy(max_retries)
+        self.call_draws = max(1, int(call_draws))
         self.gpu = use_gpu_actors(spec.device, max_workers) if gpu is None else gpu
+        self.gpu_wait = gpu_wait if max_workers is not None else min(gpu_wait, _GPU_WAIT_WITHOUT_AUTOSCALER)
         resources = {"num_gpus": 1, "num_cpus": 1} if self.gpu else {"num_cpus": self._cpus_per_cpu_actor()}
         self._actor_cls = ray.remote(max_restarts=0, max_task_retries=0, **resources)(CertifyWorker)
         self._actors: dict[str, _Actor] = {}
         self._serial = 0
-        self._startup_failures = 0
         self.peak_workers = 0
         if self.gpu and max_workers is not None:
             self._request_autoscaler(max_workers)
@@ -114,10 +219,11 @@ class ElasticPool:
 
     def target_workers(self) -> int:
         """How many actors to run now, from what the cluster offers at this moment."""
-        if self.fixed_workers is not None:
-            return self.fixed_workers
         key = "GPU" if self.gpu else "CPU"
         available = int(ray.cluster_resources().get(key, 0))
+        if self.fixed_workers is not None:
+            # A fixed count of GPU actors still needs the GPUs to place them.
+            return min(self.fixed_workers, available) if self.gpu else self.fixed_workers
         if not self.gpu:
             available = max(1, available)
         if self.max_workers is not None:
@@ -127,85 +233,82 @@ class ElasticPool:
     def _scale(self) -> None:
         for _ in range(self.target_workers() - len(self._actors)):
             self._serial += 1
-            name = f"worker-{self._serial}"
-            self._actors[name] = _Actor(self._actor_cls.options(name=None).remote(self.spec))
+            self._actors[f"worker-{self._serial}"] = _Actor(self._actor_cls.remote(self.spec))
         self.peak_workers = max(self.peak_workers, len(self._actors))
 
     @property
     def num_workers(self) -> int:
         return len(self._actors)
 
+    def _no_gpu_error(self) -> UserError:
+        res = ray.cluster_resources()
+        hint = "" if self.max_workers is not None else " (no --max-workers: nothing asks an autoscaler for GPUs)"
+        return UserError(
+            f"no GPU worker could be placed in {self.gpu_wait:.0f} s: the cluster has {int(res.get('GPU', 0))} GPUs and "
+            f"{int(res.get('CPU', 0))} CPUs{hint}; pass --device cpu to run on CPUs, or add GPU nodes "
+            "(cluster.yaml, --max-workers N)"
+        )
+
     # -- running --------------------------------------------------------------------------
 
-    def run(self, units: Sequence[WorkUnit], on_result: Callable[[UnitRecord], None], on_tick: Callable[[], None] | None = None) -> None:
-        """Run every unit once to completion, calling ``on_result(record)`` as each finishes."""
-        pending: collections.deque[WorkUnit] = collections.deque(units)
-        inflight: dict[Any, tuple[str, WorkUnit]] = {}
-        failures: dict[str, list[str]] = collections.defaultdict(list)
+    def run(self, queue: UnitQueue, on_results: Callable[[list[UnitRecord]], None], on_tick: Callable[[], None] | None = None) -> None:
+        """Run until ``queue`` is empty and nothing is in flight, calling ``on_results(records)`` as
+        each call finishes; ``on_results`` may add units to ``queue``."""
+        inflight: dict[Any, tuple[str, list[WorkUnit]]] = {}
+        waiting_since = time.monotonic()
         try:
-            while pending or inflight:
+            while len(queue) or inflight:
                 self._scale()
                 for name, actor in self._actors.items():
-                    while pending and len(actor.inflight) < _INFLIGHT_PER_ACTOR:
-                        unit = pending.popleft()
-                        ref = actor.handle.run.remote(unit)
+                    while len(queue) and len(actor.inflight) < _INFLIGHT_PER_ACTOR:
+                        call = queue.take(self.call_draws)
+                        ref = actor.handle.run.remote(call)
                         actor.inflight.add(ref)
-                        inflight[ref] = (name, unit)
+                        inflight[ref] = (name, call)
                 if not inflight:
-                    time.sleep(_TICK_SECONDS)  # waiting for the autoscaler to bring a node
+                    # Waiting for the autoscaler (or the user) to bring a node.
+                    if self.gpu and time.monotonic() - waiting_since > self.gpu_wait:
+                        raise self._no_gpu_error()
+                    time.sleep(_TICK_SECONDS)
                     if on_tick:
                         on_tick()
                     continue
+                waiting_since = time.monotonic()
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_TICK_SECONDS)
                 for ref in ready:
-                    name, unit = inflight.pop(ref)
+                    name, call = inflight.pop(ref)
                     actor = self._actors.get(name)
                     if actor is not None:
                         actor.inflight.discard(ref)
                     try:
-                        record = ray.get(ref)
+                        records = ray.get(ref)
                     except RayActorError as exc:
-                        self._lose_actor(name, exc, pending, inflight, unit)
+                        self._lose_actor(name, exc, queue, inflight, call)
                         continue
                     except RayTaskError as exc:
-                        self._unit_failed(unit, exc, failures)
-                        pending.appendleft(unit)
+                        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                        self.policy.call_failed(call, cause)
+                        log.warning("units %s failed (%s); retrying", ", ".join(u.unit_id for u in call), gist(cause))
+                        queue.put_front(call, solo=True)
                         continue
                     if actor is not None:
                         actor.results += 1
-                    on_result(record)
+                    on_results(records)
                 if on_tick:
                     on_tick()
         finally:
             self.shutdown()
 
-    def _lose_actor(self, name: str, exc: Exception, pending: collections.deque, inflight: dict, unit: WorkUnit) -> None:
+    def _lose_actor(self, name: str, exc: Exception, queue: UnitQueue, inflight: dict, call: list[WorkUnit]) -> None:
         """An actor (or its node) died: requeue everything it held; a replacement comes at the next tick."""
         actor = self._actors.pop(name, None)
-        requeue = [unit]
+        requeue = list(call)
         if actor is not None:
             for ref in list(actor.inflight):
-                requeue.append(inflight.pop(ref)[1])
-            if actor.results == 0:
-                # Died before finishing anything: most likely it cannot start (bad model, OOM).
-                self._startup_failures += 1
-                if self._startup_failures >= self.max_retries * max(1, self.target_workers()):
-                    raise UnitFailedError(f"workers keep dying before finishing a unit: {first_line(exc)}") from exc
-            else:
-                self._startup_failures = 0
+                requeue += inflight.pop(ref)[1]
+            self.policy.worker_died(actor.results > 0, self.target_workers(), exc)
         log.warning("worker %s died (%s); rescheduling %d unit(s)", name, first_line(exc), len(requeue))
-        pending.extendleft(reversed(requeue))
-
-    def _unit_failed(self, unit: WorkUnit, exc: RayTaskError, failures: dict[str, list[str]]) -> None:
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        if isinstance(cause, UserError):
-            raise cause
-        signature = f"{type(cause).__name__}: {cause}"
-        failures[unit.unit_id].append(signature)
-        history = failures[unit.unit_id]
-        if len(history) >= self.max_retries and len(set(history[-self.max_retries :])) == 1:
-            raise UnitFailedError(f"unit {unit.unit_id} failed {len(history)} times with {signature}") from cause
-        log.warning("unit %s failed (%s); retrying", unit.unit_id, signature)
+        queue.put_front(requeue)
 
     def shutdown(self) -> None:
         for actor in self._actors.values():
@@ -214,5 +317,3 @@ class ElasticPool:
             except Exception:  # already dead
                 pass
         self._actors.clear()
-
-

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,13 +25,15 @@ import pandas as pd
 from pipeline.aggregate import Aggregator, table_from_units
 from pipeline.config import RunConfig, differing_fields
 from pipeline.manifest import Cost, Manifest, is_ours
-from pipeline.plan import plan_units
+from pipeline.plan import GroupKey, GroupState, group_key, groups_of, plan_units
 from pipeline.rundir import RunDir
 from workers import storage
 from workers.contract import ModelSpec, UnitRecord
-from workers.errors import UserError
+from workers.errors import UserError, first_line
 
 Log = Callable[[str], None]
+
+__all__ = ["RunSummary", "certify_run", "model_spec", "preflight", "read_flags"]
 
 
 @dataclass
@@ -57,37 +60,54 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def model_spec(config: RunConfig) -> ModelSpec:
-    """What each worker loads. The flags file is read here, on the driver, and travels as a dict:
-    its path need not exist on the worker nodes."""
-    flags = None
-    if config.model_flags:
-        from workers.unet_flags import unet_flags_from_json
+def read_flags(config: RunConfig) -> dict | None:
+    """The denoiser's OpenAI flags, read once on the driver: from --model-flags, or the bundled
+    digits model's. They travel to the workers as a dict (the file need not exist on worker nodes)."""
+    from workers.unet_flags import unet_flags_from_json
 
-        flags = unet_flags_from_json(storage.fetch(config.model_flags))
+    path = config.model_flags
+    if not path and config.denoiser == "digits":
+        from workers.digits import ASSET_DIR, DENOISER_FLAGS_FILE
+
+        path = str(ASSET_DIR / DENOISER_FLAGS_FILE)
+    if not path:
+        return None
+    local = storage.fetch(path)
+    try:
+        return unet_flags_from_json(local)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"cannot read model flags {path}: {first_line(exc)}") from None
+
+
+def model_spec(config: RunConfig, flags: dict | None) -> ModelSpec:
+    """What each worker loads."""
     return ModelSpec(
         dataset=config.data,
         classifier=config.classifier,
         denoiser=config.denoiser,
-        model_flags=flags,
+        model_flags=flags if config.model_flags else None,
         device=config.device,
         batch_size=config.batch_size,
         precision=config.precision,
         compile=config.compile,
         needs_denoiser=config.needs_denoiser,
+        early_majority=config.early_majority,
     )
 
 
-def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[str, Any], dict | None]:
     """Everything that can fail on bad input, checked on the driver before any GPU time.
 
-    Returns the selected (image_id, label) pairs and the model descriptions (with sha256) for
-    the manifest. The models are loaded once on the driver's CPU so that a wrong checkpoint,
-    flags file or classifier directory fails here with one line, not on a GPU node.
+    Returns the selected (image_id, label) pairs, the model descriptions (with sha256) for the
+    manifest, and the denoiser's flags. The sampler is checked from the flags alone, then the
+    models are loaded once on the driver's CPU so that a wrong checkpoint, flags file or
+    classifier directory fails here with one line, not on a GPU node.
     """
     from workers.data import load_dataset, select_indices
 
     config.validate()
+    flags = read_flags(config)
+    config.validate_sampler(flags)
     dataset = load_dataset(config.data)
     ids = select_indices(len(dataset), config.skip, config.max_images, config.every, config.indices)
     if not ids:
@@ -102,12 +122,13 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
             os.rmdir(config.out)  # leave nothing behind for a run that never started
         raise
     log(f"preflight ok: {len(images)} images from {config.data}, models loaded")
-    return images, models
+    return images, models, flags
 
 
 def _check_models(config: RunConfig, dataset: Any) -> dict[str, Any]:
     """Load the models on the driver's CPU; return their descriptions for the manifest."""
     from workers.models import describe_source, load_classifier, load_denoiser
+    from workers.purify import Purifier, PurifySpec
 
     classifier = load_classifier(config.classifier, input_shape=tuple(dataset.image_shape))
     models: dict[str, Any] = {"classifier": describe_source(config.classifier)}
@@ -118,11 +139,26 @@ def _check_models(config: RunConfig, dataset: Any) -> dict[str, Any]:
         )
     if config.needs_denoiser:
         denoiser = load_denoiser(config.denoiser, config.model_flags)
-        if denoiser.in_channels != dataset.image_shape[0] or denoiser.image_size != dataset.image_shape[-1]:
+        channels, size = int(dataset.image_shape[0]), int(dataset.image_shape[-1])
+        if denoiser.in_channels != channels:
             raise UserError(
-                f"denoiser {config.denoiser} takes {denoiser.in_channels}x{denoiser.image_size}x{denoiser.image_size} images "
-                f"but {config.data} has {'x'.join(map(str, dataset.image_shape))}: use the denoiser trained at this resolution"
+                f"denoiser {config.denoiser} takes {denoiser.in_channels}-channel images but {config.data} has "
+                f"{channels} channel{'s' if channels != 1 else ''}: use a denoiser trained on {channels}-channel images"
             )
+        if denoiser.image_size != size:
+            raise UserError(
+                f"denoiser {config.denoiser} takes {denoiser.image_size}x{denoiser.image_size} images but {config.data} "
+                f"has {size}x{size}: use the denoiser trained at this resolution"
+            )
+        # The schedule of the loaded model (diffusers folders carry their own): every
+        # (sigma, method) must be samplable before any GPU time is spent.
+        for sigma in config.sigmas:
+            for method in config.methods:
+                if method != "cohen":
+                    try:
+                        Purifier(PurifySpec(method, sigma, config.steps, config.max_votes(method)), denoiser)
+                    except ValueError as exc:
+                        raise UserError(str(exc)) from None
         models["denoiser"] = describe_source(config.denoiser, config.model_flags)
     return models
 
@@ -151,20 +187,39 @@ def _open_run(config: RunConfig, log: Log) -> tuple[RunDir, Manifest | None]:
     return run, previous
 
 
+def _replay(groups: dict[GroupKey, GroupState], logged: pd.DataFrame) -> None:
+    """Feed the unit log to its groups (units of groups no longer planned are ignored)."""
+    for r in logged.itertuples(index=False):
+        group = groups.get(group_key(r.image_id, r.sigma, r.method))
+        if group is not None:
+            group.add(r.unit_id, r.phase, r.start, r.num_draws, _counts(r.counts))
+
+
+def _counts(counts: Any) -> Any:
+    import numpy as np
+
+    return np.array([np.asarray(c, dtype=np.int64) for c in counts], dtype=np.int64)
+
+
 def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = None) -> RunSummary:
     """Certify every selected image under every (sigma, method, votes), resuming if possible."""
-    from pipeline.pool import ElasticPool, connect
-
     started = time.time()
-    images, models = preflight(config, log)
+    images, models, flags = preflight(config, log)
     run, previous = _open_run(config, log)
-    units = plan_units(config, images)
+    groups = groups_of(config, images)
     logged = run.read_units() if previous is not None else None
-    done = set(logged["unit_id"]) if logged is not None else set()
-    todo = [u for u in units if u.unit_id not in done]
-    skipped = len(units) - len(todo)
+    if logged is not None:
+        _replay(groups, logged)
+    pending = [u for g in groups.values() for u in g.pending()]
+    budget_units = len(plan_units(config, images))
+    skipped = int(logged["unit_id"].nunique()) if logged is not None else 0
     if previous is not None:
-        log(f"resuming {config.out}: {skipped} of {len(units)} units already done, {len(todo)} to run")
+        if config.sampling == "fixed":
+            log(f"resuming {config.out}: {skipped} of {budget_units} units already done, {len(pending)} to run")
+        else:
+            done_groups = sum(g.finished for g in groups.values())
+            log(f"resuming {config.out}: {skipped} units already done, {done_groups} of {len(groups)} groups "
+                f"finished, {len(pending)} units to run now (later rounds as groups need them)")
 
     manifest = Manifest(
         run_id=previous.run_id if previous else uuid.uuid4().hex[:12],
@@ -175,50 +230,83 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
         package_version=package_version(),
         created_at=previous.created_at if previous else _now(),
         updated_at=_now(),
-        units_total=len(units),
+        units_total=budget_units,
         units_done=skipped,
         images_total=len(images),
+        groups_total=len(groups),
+        groups_done=sum(g.finished for g in groups.values()),
         attempts=(previous.attempts if previous else 0) + 1,
         cost=_cost(logged),
         error=None,
     )
     run.write_manifest(manifest)
-
-    workers = 0
-    if todo:
-        connect(ray_address)
-        aggregator = Aggregator(run, done)
-        progress = _Progress(len(units), skipped, config.progress)
-        pool = ElasticPool(model_spec(config), config.workers, config.max_workers, config.max_retries)
-        log(f"running {len(todo)} units on {'GPU' if pool.gpu else 'CPU'} workers")
-
-        def on_result(record: UnitRecord) -> None:
-            if aggregator.add(record):
-                progress.update(record, pool.num_workers)
-
-        try:
-            with _stop_on_sigterm():
-                pool.run(todo, on_result, on_tick=lambda: progress.refresh(pool.num_workers))
-        except BaseException as exc:
-            aggregator.flush()
-            manifest.status = "stopped" if isinstance(exc, KeyboardInterrupt) else "failed"
-            manifest.error = f"{type(exc).__name__}: {exc}"[:2000]
-            manifest.updated_at = _now()
-            run.write_manifest(manifest)
-            raise
-        finally:
-            progress.close()
-        aggregator.flush()
-        workers = pool.peak_workers
-
-    logged = run.read_units()
-    table = table_from_units(logged, config.to_dict())
-    run.write_table(table)
-    manifest.status, manifest.units_done, manifest.updated_at, manifest.cost = "complete", len(units), _now(), _cost(logged)
+    try:
+        workers = _compute(config, run, groups, pending, flags, manifest, log, ray_address)
+        logged = run.read_units()
+        table = table_from_units(logged, config)
+        run.write_table(table)
+    except BaseException as exc:
+        _record_failure(run, manifest, exc)
+        raise
+    manifest.status, manifest.units_done, manifest.updated_at = "complete", int(logged["unit_id"].nunique()), _now()
+    manifest.groups_done, manifest.cost = len(groups), _cost(logged)
     run.write_manifest(manifest)
     elapsed = time.time() - started
     log(f"done: {len(table)} rows in {storage.join(config.out, 'certification.parquet')} ({elapsed:.1f} s)")
-    return RunSummary(config.out, len(units), skipped, len(todo), table, elapsed, workers)
+    return RunSummary(config.out, budget_units, skipped, int(logged["unit_id"].nunique()) - skipped, table, elapsed, workers)
+
+
+def _compute(config: RunConfig, run: RunDir, groups: dict[GroupKey, GroupState], pending: list, flags: dict | None,
+             manifest: Manifest, log: Log, ray_address: str | None) -> int:
+    """Run the pending units, and every round they lead to, on the Ray pool; returns peak workers."""
+    if not pending:
+        return 0
+    from pipeline.pool import ElasticPool, UnitQueue, connect
+
+    connect(ray_address)
+    aggregator = Aggregator(run, {uid for g in groups.values() for uid in g.logged})
+    progress = _Progress(len(groups), sum(g.finished for g in groups.values()), config.progress)
+    queue = UnitQueue(pending)
+    pool = ElasticPool(model_spec(config, flags), config.workers, config.max_workers, config.max_retries,
+                       call_draws=config.chunk, gpu_wait=config.gpu_wait)
+    log(f"running {len(pending)} units on {'GPU' if pool.gpu else 'CPU'} workers"
+        + (" (sequential: more rounds as groups need them)" if config.sampling == "sequential" else ""))
+
+    def on_results(records: list[UnitRecord]) -> None:
+        for record in records:
+            if not aggregator.add(record):
+                continue
+            group = groups[group_key(record.image_id, record.sigma, record.method)]
+            group.add(record.unit_id, record.phase, record.start, record.num_draws, _counts(record.counts))
+            was_finished = group.finished
+            queue.put_front(group.advance())
+            progress.update(record, group.finished and not was_finished, pool.num_workers)
+
+    try:
+        with _stop_on_sigterm():
+            pool.run(queue, on_results, on_tick=lambda: progress.refresh(pool.num_workers))
+    finally:
+        aggregator.flush()
+        progress.close()
+    return pool.peak_workers
+
+
+def _record_failure(run: RunDir, manifest: Manifest, exc: BaseException) -> None:
+    """Mark the manifest failed (or stopped, for Ctrl-C / SIGTERM) with the reason, and keep the
+    traceback of unexpected errors in the run folder; never let the bookkeeping hide the error."""
+    stopped = isinstance(exc, KeyboardInterrupt)
+    manifest.status = "stopped" if stopped else "failed"
+    manifest.error = f"{type(exc).__name__}: {first_line(exc, 1000)}"
+    manifest.updated_at = _now()
+    log_uri = None
+    if not stopped and not isinstance(exc, UserError):
+        log_uri = storage.join(run.uri, "logs", f"driver-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{os.getpid()}.log")
+        with contextlib.suppress(Exception):
+            storage.write_bytes(log_uri, "".join(traceback.format_exception(exc)).encode())
+        manifest.error += f" (traceback: {log_uri})"
+        exc.log_uri = log_uri  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):
+        run.write_manifest(manifest)
 
 
 @contextlib.contextmanager
@@ -240,7 +328,7 @@ def _stop_on_sigterm() -> Iterator[None]:
 
 
 def _cost(units: pd.DataFrame | None) -> Cost:
-    """Totals of the unit log: worker busy seconds, network evaluations, draws."""
+    """Totals of the unit log: worker busy seconds, network evaluations, draws, votes."""
     if units is None or len(units) == 0:
         return Cost()
     return Cost(
@@ -248,11 +336,13 @@ def _cost(units: pd.DataFrame | None) -> Cost:
         unet_forwards=int(units["unet_forwards"].sum()),
         classifier_calls=int(units["classifier_calls"].sum()),
         draws=int(units["num_draws"].sum()),
+        votes_computed=int(units["votes_computed"].sum()),
+        votes_skipped=int(units["votes_skipped"].sum()),
     )
 
 
 class _Progress:
-    """A tqdm bar on the driver: units done/total, draws per second, ETA."""
+    """A tqdm bar on the driver: (image, sigma, method) groups finished, draws per second, ETA."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         from tqdm.auto import tqdm
@@ -260,14 +350,15 @@ class _Progress:
         # In a log (``ray job submit``, CI) a line per unit would bury everything else: redraw
         # at most every 30 s there, twice a second on a terminal.
         interval = 0.5 if sys.stderr.isatty() else 30.0
-        self.bar = tqdm(total=total, initial=initial, unit="unit", desc="certify", disable=not enabled,
+        self.bar = tqdm(total=total, initial=initial, unit="group", desc="certify", disable=not enabled,
                         dynamic_ncols=True, mininterval=interval, maxinterval=max(interval, 10.0))
         self.draws = 0
         self.start = time.monotonic()
 
-    def update(self, record: UnitRecord, workers: int) -> None:
+    def update(self, record: UnitRecord, group_finished: bool, workers: int) -> None:
         self.draws += record.num_draws
-        self.bar.update(1)
+        if group_finished:
+            self.bar.update(1)
         self.refresh(workers)
 
     def refresh(self, workers: int) -> None:
@@ -280,4 +371,3 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
-

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from workers.seeds import draw_seeds
+from workers.seeds import draw_seeds, sigma_label
 
 __all__ = [
     "DEVICES",
@@ -94,13 +94,14 @@ class WorkUnit:
 
     @property
     def unit_id(self) -> str:
-        return f"{self.image_id}/{self.sigma:g}/{self.method}/{self.phase}/{self.start}"
+        return f"{self.image_id}/{sigma_label(self.sigma)}/{self.method}/{self.phase}/{self.start}"
 
     @property
     def max_votes(self) -> int:
         return max(self.votes)
 
     def draw_seeds(self) -> np.ndarray:
+        """The 64-bit seeds of the unit's draws (``workers.seeds``)."""
         return draw_seeds(self.seed, self.image_id, self.sigma, self.phase, self.start, self.num_draws)
 
     def to_dict(self) -> dict:
@@ -140,6 +141,10 @@ class UnitRecord:
     seconds: float
     unet_forwards: int
     classifier_calls: int
+    votes_computed: int
+    """Vote trajectories run (one per draw for Cohen and DDS)."""
+    votes_skipped: int
+    """DensePure votes early majority left out (they could not change a reported decision)."""
     worker: str
     engine: str
     """The engine settings the counts depend on besides the seeds (``Engine.describe()``)."""
@@ -172,3 +177,4 @@ class ModelSpec:
     precision: str = "auto"
     compile: bool = False
     needs_denoiser: bool = True
+    early_majority: bool = True

@@ -1,9 +1,10 @@
 """The inner certification engine: noisy draws -> purified copies -> classifier votes -> counts.
 
-One ``Engine`` holds a loaded classifier (and denoiser) and turns (image, method, draw seeds)
-into per-class counts of the smoothed classifier's base decisions, for several vote counts K at
-once (the first k of K votes form a valid k-vote classifier). It knows nothing of Ray, files or
-statistics: the Ray actor in ``workers/worker.py`` and the ``densepure purify`` command both call it.
+One ``Engine`` holds a loaded classifier (and denoiser) and turns jobs (image, spec, draw seeds,
+vote counts) into per-class counts of the smoothed classifier's base decisions, for several vote
+counts k at once (the first k of K votes form a valid k-vote classifier). It knows nothing of
+Ray, files or statistics: the Ray actor (``workers/worker.py``), the ``densepure purify`` command
+and the ``Smooth`` API all call it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -19,7 +20,11 @@ import numpy as np
 import torch
 
 from workers.contract import PRECISIONS
-from workers.purify import Purifier, PurifySpec, draw_generators
+from workers.errors import UserError
+from workers.noise import Streams
+from workers.purify import Purifier, PurifySpec
+from workers.seeds import vote_seeds
+from workers.votes import majority_votes, more_votes_needed, settled_decisions
 
 if TYPE_CHECKING:
     from workers.classifier import Classifier
@@ -42,40 +47,6 @@ CPU_MAX_BATCH = 1024
 _PROBE_BATCHES = (2, 6)
 _MEMORY_FRACTION = 0.8
 _MAX_AUTO_BATCH = 2048
-
-
-@dataclass
-class CountResult:
-    """Counts of one batch of draws: ``counts[v, c]`` = draws whose k_v-vote decision is class c."""
-
-    counts: np.ndarray
-    unet_forwards: int
-    classifier_calls: int
-    seconds: float
-
-
-def majority_votes(labels: torch.Tensor, vote_counts: Sequence[int], num_classes: int) -> torch.Tensor:
-    """Base decisions of the k-vote classifiers for each k in ``vote_counts``.
-
-    labels: (B, K) classifier labels of the K votes of each draw, in vote order. Returns
-    (len(vote_counts), B): the most frequent label among the first k votes; ties go to the
-    label seen first in vote order, as in the reference implementation's merge.
-    """
-    B, K = labels.shape
-    onehot = torch.nn.functional.one_hot(labels, num_classes).to(torch.int64)  # (B, K, C)
-    position = torch.arange(K, device=labels.device).view(1, K, 1)
-    # First vote index at which each class appears (K if never): the tie-breaker.
-    first_seen = torch.where(onehot.bool(), position, torch.full_like(position, K)).amin(dim=1)
-    cumulative = onehot.cumsum(dim=1)
-    out = []
-    for k in vote_counts:
-        if not 1 <= k <= K:
-            raise ValueError(f"vote count {k} is outside 1..{K}")
-        counts_k = cumulative[:, k - 1, :]
-        first_k = torch.where(first_seen < k, first_seen, torch.full_like(first_seen, K))
-        score = counts_k * (K + 1) - first_k
-        out.append(score.argmax(dim=1))
-    return torch.stack(out)
 
 
 def _compiled(module: torch.nn.Module) -> torch.nn.Module:
@@ -150,27 +121,76 @@ def fit_batch(probes: Sequence[tuple[int, float]], free_bytes: float,
     return max(1, min(fit, cap))
 
 
+@dataclass
+class CountJob:
+    """One image's draws to count: ``seeds`` are the draws' smoothing-stream seeds
+    (``workers.seeds.draw_seeds``), ``vote_counts`` the k of the k-vote classifiers to count."""
+
+    image: torch.Tensor | np.ndarray
+    spec: PurifySpec
+    seeds: np.ndarray
+    vote_counts: Sequence[int] | None = None
+
+
+@dataclass
+class CountResult:
+    """Counts of one job: ``counts[v, c]`` = draws whose ``vote_counts[v]``-vote decision is class c.
+
+    ``votes_computed`` counts the vote trajectories run (one per draw for Cohen and DDS),
+    ``votes_skipped`` those early majority left out because they could not change any reported
+    decision. ``seconds`` is the job's share of the call's time, in proportion to its network rows.
+    """
+
+    counts: np.ndarray
+    unet_forwards: int
+    classifier_calls: int
+    seconds: float
+    votes_computed: int = 0
+    votes_skipped: int = 0
+
+
+class NonFiniteError(UserError):
+    """Purified images or logits that are NaN or infinite: never counted (a NaN image would be
+    "certified" as whichever class argmax picks)."""
+
+
+@dataclass
+class _Tally:
+    """Per-job accumulators while a call runs."""
+
+    counts: torch.Tensor
+    unet_forwards: int = 0
+    classifier_calls: int = 0
+    votes_computed: int = 0
+    votes_skipped: int = 0
+    rows: int = 0
+
+
 class Engine:
-    """Counts smoothed-classifier decisions for one image at a time, in batches of draws.
+    """Counts smoothed-classifier decisions for jobs of many draws, packed into full network batches.
+
+    Bit-identical counts: every network call gets exactly ``batch_size`` rows (the last batch of
+    a pass is padded with zeros), because floating-point kernels may compute a row differently
+    at another batch size (measured on this CPU: the digits UNet in fp32 differs in the last bits
+    between batches of 7 and 64 rows, not between orders of the same rows). With a fixed shape a
+    row's result depends only on its own input, so it does not matter which draws of which jobs
+    share a batch, in which wave a vote is computed, or how draws are split into units: counts
+    depend only on the seeds, the device type, the precision and the batch size.
 
     Speed (see BENCHMARKS.md for the measurements behind each default):
 
     - everything runs under ``torch.inference_mode``; the K votes of a draw share the first
-      network evaluation (``Purifier``), and draws x votes go through the UNet as one batch;
-    - the scheduler's coefficients are Python floats per step (one timestep per batch), so the
-      schedule never needs a host-to-device copy: only the noise, the images and the counts
-      live on the device, and the counts come back once per ``count`` call;
-    - ``precision`` bf16/fp16 runs the networks under autocast (GroupNorm stays fp32); the
-      default ``auto`` picks bf16 where the hardware computes it natively (``resolve_precision``);
-      ``compile`` wraps both networks in ``torch.compile``; ``channels_last`` (default: on for
-      CUDA; off for CPU, where it changed the CIFAR-10 UNet little at the default batch, +7% in
-      fp32 and -2% in bf16, and slowed the digits UNet down);
-    - ``batch_size`` counts images per network batch (draws x copies); when not given, the
-      first call picks it (``auto_batch_size``): on CPU from the image size (cache-sized
-      batches measured fastest), on CUDA what fits in free memory according to a probe.
-
-    Results depend only on the draw seeds, the precision and the batch size: the random numbers
-    of a draw come from its own generator in a fixed order whatever the batching (see purify.py).
+      network evaluation (``Purifier``);
+    - ``count_many`` packs the draws of several jobs with the same spec (e.g. small sequential
+      rounds of several images) into the same batches, so small jobs do not run half-empty batches;
+    - ``early_majority`` (default on) computes a draw's votes in waves and stops once every
+      reported prefix k is settled (``workers/votes.py``): exact, the counts are those of all votes;
+    - ``precision`` bf16/fp16 runs the networks under autocast (GroupNorm stays fp32); ``auto``
+      picks bf16 where the hardware computes it natively (``resolve_precision``); ``compile`` wraps
+      both networks in ``torch.compile`` (fixed batch shapes: one compilation);
+      ``channels_last`` (default: on for CUDA, off for CPU);
+    - ``batch_size`` counts rows (images) per network call; when not given, the first call picks it
+      (``auto_batch_size``): on CPU from the image size, on CUDA what fits in free memory.
     """
 
     def __init__(
@@ -182,6 +202,7 @@ class Engine:
         precision: str = "auto",
         compile: bool = False,
         channels_last: bool | None = None,
+        early_majority: bool = True,
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -195,6 +216,7 @@ class Engine:
             channels_last = self.device.type == "cuda"
         self.channels_last = bool(channels_last)
         self.compiled = bool(compile)
+        self.early_majority = bool(early_majority)
         # The eager modules, kept for the memory probe: probing a compiled module would compile
         # it for a batch size that is never used again.
         self._eager: dict[str, torch.nn.Module] = {}
@@ -227,19 +249,10 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def draws_per_batch(self, spec: PurifySpec, image_shape: Sequence[int] | None = None) -> int:
-        """Draws per forward batch, so that draws x copies stays within ``batch_size`` images.
-
-        Without a given batch size, the first call picks one (``auto_batch_size``) for
-        ``image_shape`` (C, H, W), which is needed then unless the denoiser tells it.
-        """
+    def _ensure_batch_size(self, image_shape: Sequence[int]) -> int:
         if self.batch_size is None:
-            if image_shape is None and self.denoiser is not None:
-                image_shape = (self.denoiser.in_channels, self.denoiser.image_size, self.denoiser.image_size)
-            if image_shape is None:
-                raise ValueError("the automatic batch size needs the image shape")
-            self.batch_size = self.auto_batch_size(tuple(image_shape))
-        return max(1, self.batch_size // spec.copies)
+            self.batch_size = self.auto_batch_size(tuple(int(d) for d in image_shape))
+        return self.batch_size
 
     def auto_batch_size(self, image_shape: tuple[int, ...]) -> int:
         """Images per network batch for images of ``image_shape`` (C, H, W) on this device.
@@ -277,56 +290,221 @@ class Engine:
         torch.cuda.synchronize(dev)
         return float(torch.cuda.max_memory_allocated(dev) - base)
 
-    @torch.inference_mode()
-    def purify(self, image: torch.Tensor | np.ndarray, spec: PurifySpec, seeds: Sequence[int]) -> torch.Tensor:
-        """Purified copies of one image, one draw per seed: (len(seeds), copies, C, H, W)."""
-        x = torch.as_tensor(image, dtype=torch.float32, device=self.device)
-        purifier = self.purifier(spec)
-        step = self.draws_per_batch(spec, tuple(x.shape))
+    # -- fixed-shape network calls ------------------------------------------------------------
+
+    def _padded(self, rows: torch.Tensor, fn) -> list:
+        """``fn`` on ``rows`` in calls of exactly ``batch_size`` rows (the last one zero-padded);
+        returns the per-call outputs cut back to the real rows."""
+        B = int(self.batch_size)  # type: ignore[arg-type]
         outs = []
-        for lo in range(0, len(seeds), step):
-            chunk = seeds[lo : lo + step]
-            batch = x.unsqueeze(0).expand(len(chunk), *x.shape)
+        for lo in range(0, rows.shape[0], B):
+            chunk = rows[lo : lo + B]
+            real = chunk.shape[0]
+            if real < B:
+                chunk = torch.cat([chunk, chunk.new_zeros((B - real, *chunk.shape[1:]))])
             with self._autocast():
-                outs.append(purifier(batch, draw_generators(chunk, self.device)).float())
-        return torch.cat(outs)
+                out = fn(chunk)
+            outs.append(tuple(o[:real] if o is not None else None for o in out) if isinstance(out, tuple) else out[:real])
+        return outs
+
+    def _net(self, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The denoiser at timestep t on any number of rows (eps, v in float32)."""
+        assert self.denoiser is not None
+        B = int(self.batch_size)  # type: ignore[arg-type]
+        timesteps = torch.full((B,), t, device=x.device, dtype=torch.long)
+        outs = self._padded(x, lambda chunk: self.denoiser(chunk, timesteps))  # type: ignore[misc]
+        eps = torch.cat([o[0] for o in outs]).float()
+        v = torch.cat([o[1] for o in outs]).float() if outs and outs[0][1] is not None else None
+        return eps, v
+
+    def _classify(self, images01: torch.Tensor, spec: PurifySpec) -> torch.Tensor:
+        """Labels of rows of images in [0, 1]; refuses NaN/inf images or logits."""
+        assert self.classifier is not None
+        _check_finite(images01, spec, "purified images" if spec.method != "cohen" else "noisy images")
+        logits = torch.cat(self._padded(images01, self.classifier)).float()
+        _check_finite(logits, spec, "classifier logits")
+        return logits.argmax(dim=1)
+
+    # -- counting -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def count(
-        self,
-        image: torch.Tensor | np.ndarray,
-        spec: PurifySpec,
-        seeds: Sequence[int],
-        vote_counts: Sequence[int] | None = None,
-    ) -> CountResult:
-        """Class counts of the smoothed classifier over the draws given by ``seeds``.
+    def count(self, image: torch.Tensor | np.ndarray, spec: PurifySpec, seeds: Sequence[int] | np.ndarray,
+              vote_counts: Sequence[int] | None = None) -> CountResult:
+        """Class counts of the smoothed classifier over the draws given by ``seeds`` (one job)."""
+        return self.count_many([CountJob(image, spec, np.asarray(seeds), vote_counts)])[0]
 
-        ``vote_counts`` (default: [K]) lists the k of the k-vote classifiers to count; all must
-        be <= spec.votes. Cohen and DDS have one copy per draw, so only k = 1 applies.
+    @torch.inference_mode()
+    def count_many(self, jobs: Sequence[CountJob]) -> list[CountResult]:
+        """Counts of several jobs; jobs with the same spec share network batches.
+
+        ``vote_counts`` (default: [K]) lists the k of the k-vote classifiers to count; all must be
+        <= spec.votes. Cohen and DDS have one copy per draw, so only k = 1 applies.
         """
         if self.classifier is None:
             raise ValueError("counting votes needs a classifier")
-        start = time.perf_counter()
-        vote_counts = list(vote_counts) if vote_counts is not None else [spec.copies]
+        results: list[CountResult | None] = [None] * len(jobs)
+        by_spec: dict[PurifySpec, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_spec.setdefault(job.spec, []).append(i)
+        for spec, members in by_spec.items():
+            start = time.perf_counter()
+            tallies = self._count_spec(spec, [jobs[i] for i in members])
+            elapsed = time.perf_counter() - start
+            rows = sum(t.rows for t in tallies) or 1
+            for i, tally in zip(members, tallies):
+                results[i] = CountResult(
+                    counts=tally.counts.cpu().numpy(), unet_forwards=tally.unet_forwards,
+                    classifier_calls=tally.classifier_calls, seconds=elapsed * tally.rows / rows,
+                    votes_computed=tally.votes_computed, votes_skipped=tally.votes_skipped,
+                )
+        return results  # type: ignore[return-value]
+
+    def _count_spec(self, spec: PurifySpec, jobs: Sequence[CountJob]) -> list[_Tally]:
+        purifier = self.purifier(spec)
+        K = spec.copies
+        vote_lists = [list(j.vote_counts) if j.vote_counts is not None else [K] for j in jobs]
+        for vc in vote_lists:
+            for k in vc:
+                if not 1 <= k <= K:
+                    raise ValueError(f"vote count {k} is outside 1..{K}")
+        images = torch.stack([torch.as_tensor(j.image, dtype=torch.float32) for j in jobs]).to(self.device)
+        shape = tuple(images.shape[1:])
+        B = self._ensure_batch_size(shape)
+        tallies = [_Tally(torch.zeros(len(vc), self.num_classes, dtype=torch.int64, device=self.device)) for vc in vote_lists]
+        owner = np.concatenate([np.full(len(j.seeds), i, dtype=np.int64) for i, j in enumerate(jobs)])
+        seeds = np.concatenate([np.asarray(j.seeds, dtype=np.uint64) for j in jobs])
+        # Every job counts the prefixes it asks for; the engine computes what the union needs.
+        union = sorted({k for vc in vote_lists for k in vc})
+        for lo in range(0, len(seeds), B):
+            who = owner[lo : lo + B]
+            x = images[torch.as_tensor(who, device=self.device)]
+            delta = Streams(seeds[lo : lo + B], self.device).normal(shape)
+            noisy = purifier.noisy(x, delta)
+            if spec.method == "cohen":
+                labels, computed = self._classify(noisy, spec).unsqueeze(1), torch.ones(len(who), dtype=torch.int64)
+                forwards = torch.zeros(len(who), dtype=torch.int64)
+            elif spec.method == "dds":
+                x0 = purifier.one_shot(purifier.start(noisy), self._net)
+                labels, computed = self._classify((x0 + 1.0) / 2.0, spec).unsqueeze(1), torch.ones(len(who), dtype=torch.int64)
+                forwards = torch.ones(len(who), dtype=torch.int64)
+            else:
+                labels, computed = self._densepure_votes(purifier, purifier.start(noisy), seeds[lo : lo + B], union)
+                forwards = 1 + computed * (purifier.reverse_steps - 1)
+            self._tally(labels, computed.to(labels.device), forwards, who, vote_lists, tallies, K)
+        return tallies
+
+    def _densepure_votes(self, purifier: Purifier, x_t: torch.Tensor, seeds: np.ndarray,
+                         vote_counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels (D, K) of the votes computed (-1 for the others) and how many each draw got.
+
+        Votes are computed as prefixes, in waves: first as many as would settle every prefix if
+        they agreed, then, for draws still undecided, the fewest more that could settle them;
+        waves are widened to at least a full network batch, since padding would cost the same.
+        Without early majority, one wave of all K votes.
+        """
+        D, K = x_t.shape[0], purifier.spec.votes
+        B = int(self.batch_size)  # type: ignore[arg-type]
+        shape = tuple(x_t.shape[1:])
+        eps0, v0 = purifier.first_eval(x_t, self._net)
+        labels = torch.full((D, K), -1, dtype=torch.int64, device=self.device)
+        computed = torch.zeros(D, dtype=torch.int64, device=self.device)
+        target = torch.full((D,), min(K, K // 2 + 1) if self.early_majority else K, dtype=torch.int64, device=self.device)
+        while True:
+            target = _widen(computed, target, K, B)
+            draw_idx = torch.repeat_interleave(torch.arange(D, device=self.device), target - computed)
+            if draw_idx.numel() == 0:
+                break
+            # Vote index of each row: computed[d], computed[d] + 1, ..., target[d] - 1.
+            offsets = torch.arange(draw_idx.numel(), device=self.device) - torch.repeat_interleave(
+                torch.cumsum(target - computed, 0) - (target - computed), target - computed)
+            vote_idx = computed[draw_idx] + offsets
+            for lo in range(0, draw_idx.numel(), B):
+                d, j = draw_idx[lo : lo + B], vote_idx[lo : lo + B]
+                streams = Streams(vote_seeds(seeds[d.cpu().numpy()], j.cpu().numpy()), self.device)
+                x0 = purifier.vote(x_t[d], eps0[d], v0[d] if v0 is not None else None, self._net,
+                                   lambda: streams.normal(shape))
+                labels[d, j] = self._classify((x0 + 1.0) / 2.0, purifier.spec)
+            computed = target.clone()
+            if not self.early_majority:
+                break
+            target = torch.minimum(computed + more_votes_needed(labels, computed, vote_counts, self.num_classes),
+                                   torch.full_like(computed, K))
+        return labels, computed
+
+    def _tally(self, labels: torch.Tensor, computed: torch.Tensor, forwards: torch.Tensor, who: np.ndarray,
+               vote_lists: list[list[int]], tallies: list[_Tally], K: int) -> None:
+        computed_cpu, forwards_cpu = computed.cpu(), forwards.cpu()
+        for i in np.unique(who):
+            rows = torch.as_tensor(np.nonzero(who == i)[0], device=labels.device)
+            vc = vote_lists[i]
+            if labels.shape[1] == 1:
+                decisions = labels[rows, 0].unsqueeze(0).expand(len(vc), -1)
+            else:
+                decisions = settled_decisions(labels[rows], computed[rows], vc, self.num_classes)
+                if (decisions < 0).any():  # pragma: no cover - the waves run until all are settled
+                    raise RuntimeError("early majority left a reported prefix undecided")
+            t = tallies[i]
+            t.counts += torch.nn.functional.one_hot(decisions, self.num_classes).sum(dim=1)
+            n_votes = int(computed_cpu[rows.cpu()].sum())
+            t.votes_computed += n_votes
+            t.votes_skipped += len(rows) * K - n_votes
+            t.classifier_calls += n_votes
+            t.unet_forwards += int(forwards_cpu[rows.cpu()].sum())
+            t.rows += n_votes + int(forwards_cpu[rows.cpu()].sum())
+
+    # -- purification only --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def purify(self, image: torch.Tensor | np.ndarray, spec: PurifySpec, seeds: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Purified copies of one image, one draw per seed, every vote: (len(seeds), copies, C, H, W)
+        in [0, 1] (Cohen: the noisy images themselves)."""
         x = torch.as_tensor(image, dtype=torch.float32, device=self.device)
         purifier = self.purifier(spec)
-        counts = torch.zeros(len(vote_counts), self.num_classes, dtype=torch.int64, device=self.device)
-        step = self.draws_per_batch(spec, tuple(x.shape))
-        classifier_calls = 0
-        for lo in range(0, len(seeds), step):
-            chunk = seeds[lo : lo + step]
-            batch = x.unsqueeze(0).expand(len(chunk), *x.shape)
-            with self._autocast():
-                copies = purifier(batch, draw_generators(chunk, self.device))
-                B, K = copies.shape[:2]
-                logits = self.classifier(copies.reshape(B * K, *copies.shape[2:]))
-            labels = logits.float().argmax(dim=1).reshape(B, K)
-            classifier_calls += B * K
-            decisions = majority_votes(labels, vote_counts, self.num_classes)
-            counts += torch.nn.functional.one_hot(decisions, self.num_classes).sum(dim=1)
-        return CountResult(
-            counts=counts.cpu().numpy(),
-            unet_forwards=spec.unet_forwards_per_draw() * len(seeds),
-            classifier_calls=classifier_calls,
-            seconds=time.perf_counter() - start,
+        shape = tuple(x.shape)
+        B = self._ensure_batch_size(shape)
+        seeds = np.asarray(seeds, dtype=np.uint64)
+        outs = []
+        for lo in range(0, len(seeds), B):
+            chunk = seeds[lo : lo + B]
+            noisy = purifier.noisy(x.expand(len(chunk), *shape), Streams(chunk, self.device).normal(shape))
+            if spec.method == "cohen":
+                outs.append(noisy.unsqueeze(1))
+                continue
+            x_t = purifier.start(noisy)
+            if spec.method == "dds":
+                x0 = purifier.one_shot(x_t, self._net).unsqueeze(1)
+            else:
+                eps0, v0 = purifier.first_eval(x_t, self._net)
+                K = spec.votes
+                d = torch.arange(len(chunk), device=self.device).repeat_interleave(K)
+                j = torch.arange(K, device=self.device).repeat(len(chunk))
+                streams = Streams(vote_seeds(chunk[d.cpu().numpy()], j.cpu().numpy()), self.device)
+                x0 = purifier.vote(x_t[d], eps0[d], v0[d] if v0 is not None else None, self._net,
+                                   lambda: streams.normal(shape)).reshape(len(chunk), K, *shape)
+            _check_finite(x0, spec, "purified images")
+            outs.append((x0 + 1.0) / 2.0)
+        return torch.cat(outs)
+
+
+def _widen(computed: torch.Tensor, target: torch.Tensor, K: int, batch: int) -> torch.Tensor:
+    """Targets of a wave, widened (doubling each undecided draw's new votes) until the wave fills at
+    least one network batch or every undecided draw gets all K votes: padding rows cost as much."""
+    target = torch.maximum(target, computed)
+    while True:
+        new = target - computed
+        total = int(new.sum())
+        if total == 0 or total >= batch:
+            return target
+        wider = torch.where(new > 0, torch.minimum(computed + 2 * new, torch.full_like(target, K)), target)
+        if torch.equal(wider, target):
+            return target
+        target = wider
+
+
+def _check_finite(values: torch.Tensor, spec: PurifySpec, what: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(
+            f"{what} of {spec.describe()} are not finite (NaN or inf), so nothing was counted: the denoiser "
+            "or these settings break the sampler; check that --model-flags belong to the checkpoint and try "
+            "another --steps or sigma"
         )

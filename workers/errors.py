@@ -8,7 +8,7 @@ any CLI wording (such as "see --help"); library code never mentions the CLI itse
 
 from __future__ import annotations
 
-__all__ = ["NotFoundError", "UserError", "first_line"]
+__all__ = ["NotFoundError", "UserError", "first_line", "gist"]
 
 
 class UserError(Exception):
@@ -36,3 +36,12 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
         if line.strip():
             return line.strip()[:limit]
     return type(exc).__name__
+
+
+def gist(exc: BaseException, limit: int = 300) -> str:
+    """First and last line of a multi-line message (e.g. a TorchScript error, whose first line says
+    only that the interpreter failed and whose last says why); the first line otherwise."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return first_line(exc, limit)
+    return f"{lines[0][:limit]} ... {lines[-1][:limit]}"

@@ -1,7 +1,7 @@
 """The actor side of a run: load the models and the data once, then turn work units into counts.
 
 ``CertifyWorker`` is a plain class; ``pipeline/pool.py`` wraps it with ``ray.remote`` (one per GPU),
-and tests or a single-process run can use it directly. ``run_unit`` is the pure step both use.
+and tests or a single-process run can use it directly. ``run_units`` is the pure step both use.
 Nothing here imports the driver package (``pipeline``), click or Ray.
 """
 
@@ -11,12 +11,12 @@ import math
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
 from workers.contract import ModelSpec, UnitRecord, WorkUnit
-from workers.engine import Engine
+from workers.engine import CountJob, Engine
 from workers.purify import PurifySpec
 
 
@@ -39,34 +39,33 @@ def build_engine(spec: ModelSpec, image_shape: tuple[int, int, int] | None = Non
     device = resolve_device(spec.device)
     classifier = load_classifier(spec.classifier, device=device, input_shape=image_shape)
     denoiser = load_denoiser(spec.denoiser, spec.model_flags, device=device) if spec.needs_denoiser and spec.denoiser else None
-    return Engine(classifier, denoiser, device=device, batch_size=spec.batch_size, precision=spec.precision, compile=spec.compile)
+    return Engine(classifier, denoiser, device=device, batch_size=spec.batch_size, precision=spec.precision,
+                  compile=spec.compile, early_majority=spec.early_majority)
 
 
-def run_unit(engine: Engine, image: Any, unit: WorkUnit, worker: str = "local") -> UnitRecord:
-    """Compute one unit and return its unit-log record."""
-    spec = PurifySpec(unit.method, unit.sigma, max(unit.steps, 1), unit.max_votes)
-    result = engine.count(image, spec, unit.draw_seeds(), unit.votes)
-    t_star = engine.purifier(spec).t_star
-    return UnitRecord(
-        unit_id=unit.unit_id,
-        image_id=unit.image_id,
-        label=unit.label,
-        sigma=unit.sigma,
-        method=unit.method,
-        steps=unit.steps,
-        phase=unit.phase,
-        start=unit.start,
-        num_draws=unit.num_draws,
-        votes=list(unit.votes),
-        counts=result.counts.tolist(),
-        t_star=math.nan if t_star is None else float(t_star),
-        seconds=result.seconds,
-        unet_forwards=result.unet_forwards,
-        classifier_calls=result.classifier_calls,
-        worker=worker,
-        engine=engine.describe(),
-        finished_at=time.time(),
-    )
+def purify_spec(unit: WorkUnit) -> PurifySpec:
+    """What the engine does for a unit's draws."""
+    return PurifySpec(unit.method, unit.sigma, max(unit.steps, 1), unit.max_votes)
+
+
+def run_units(engine: Engine, image_of: Callable[[int], Any], units: Sequence[WorkUnit], worker: str = "local") -> list[UnitRecord]:
+    """Compute units together (draws of units with the same spec share network batches) and
+    return their unit-log records, in the order of ``units``."""
+    jobs = [CountJob(image_of(u.image_id), purify_spec(u), u.draw_seeds(), u.votes) for u in units]
+    results = engine.count_many(jobs)
+    finished = time.time()
+    records = []
+    for unit, result in zip(units, results):
+        t_star = engine.purifier(purify_spec(unit)).t_star
+        records.append(UnitRecord(
+            unit_id=unit.unit_id, image_id=unit.image_id, label=unit.label, sigma=unit.sigma, method=unit.method,
+            steps=unit.steps, phase=unit.phase, start=unit.start, num_draws=unit.num_draws, votes=list(unit.votes),
+            counts=result.counts.tolist(), t_star=math.nan if t_star is None else float(t_star),
+            seconds=result.seconds, unet_forwards=result.unet_forwards, classifier_calls=result.classifier_calls,
+            votes_computed=result.votes_computed, votes_skipped=result.votes_skipped,
+            worker=worker, engine=engine.describe(), finished_at=finished,
+        ))
+    return records
 
 
 class CertifyWorker:
@@ -85,6 +84,5 @@ class CertifyWorker:
         """Returns once the models are loaded (actor construction is asynchronous in Ray)."""
         return self.name
 
-    def run(self, unit: WorkUnit) -> UnitRecord:
-        image, _ = self.dataset.get(unit.image_id)
-        return run_unit(self.engine, image, unit, self.name)
+    def run(self, units: Sequence[WorkUnit]) -> list[UnitRecord]:
+        return run_units(self.engine, lambda i: self.dataset.get(i)[0], units, self.name)

@@ -6,7 +6,8 @@ from typing import Any
 
 import click
 
-from pipeline.cli.errors import Command, handle_user_errors
+from pipeline.cli.errors import Command, UnexpectedErrorExit, handle_user_errors
+from workers.errors import UserError, first_line
 from pipeline.cli.options import certify_options, load_preset
 
 __all__ = ["certify", "certify_main"]
@@ -39,7 +40,14 @@ def _run_certify(ray_address: str | None, show_report: bool, **options: Any) -> 
 @handle_user_errors
 def certify(**options: Any) -> None:
     """Certify a dataset with Cohen smoothing, DDS and DensePure on a Ray cluster (or locally)."""
-    _run_certify(**options)
+    try:
+        _run_certify(**options)
+    except (UserError, KeyboardInterrupt, click.ClickException):
+        raise
+    except Exception as exc:
+        # Unexpected: one line here, the traceback in the run folder (the manifest says failed).
+        where = getattr(exc, "log_uri", None)
+        raise UnexpectedErrorExit(f"{type(exc).__name__}: {first_line(exc)}" + (f" (traceback: {where})" if where else "")) from exc
 
 
 def certify_main(preset: str, prog_name: str) -> None:

@@ -17,7 +17,7 @@ from workers.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["Command", "Group", "UserErrorExit", "handle_user_errors"]
+__all__ = ["Command", "Group", "UnexpectedErrorExit", "UserErrorExit", "handle_user_errors"]
 
 
 class UserErrorExit(click.ClickException):
@@ -27,6 +27,13 @@ class UserErrorExit(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.message}", err=True)
+
+
+class UnexpectedErrorExit(UserErrorExit):
+    """An error nobody anticipated, reported in one line with exit status 1 (the details are in
+    the log file the message names)."""
+
+    exit_code = 1
 
 
 def handle_user_errors(func: F) -> F:

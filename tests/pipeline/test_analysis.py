@@ -31,6 +31,8 @@ from pipeline.analysis import (
 )
 from workers.errors import UserError
 from pipeline.cli.runs import _gather_radii, export, parse_radii, report, status
+from pipeline.config import RunConfig
+from pipeline.manifest import VERSION as MANIFEST_VERSION
 from pipeline.stats import lower_confidence_bound
 from pipeline.status import format_status, run_status
 
@@ -89,8 +91,8 @@ def write_run(root: Path, table: pd.DataFrame | None, status: str = "complete", 
     root.mkdir(parents=True, exist_ok=True)
     config = {"methods": ["cohen", "densepure"], "sigmas": [0.25, 0.5], "votes": [1, 3], "steps": 2,
               "n0": 100, "n": 1000, "alpha": 0.001, "data": "cifar10"}
-    config.update(manifest.pop("config", {}))
-    doc = {"format": 1, "run_id": root.name, "status": status, "config": config, "units_total": 8, "units_done": 8,
+    config = RunConfig(out=str(root), **{**config, **manifest.pop("config", {})}).to_dict()
+    doc = {"format": "densepure-run", "version": MANIFEST_VERSION, "run_id": root.name, "status": status, "config": config, "units_total": 8, "units_done": 8,
            "images_total": 4, "cost": {"gpu_seconds": 24.0, "unet_forwards": 160, "classifier_calls": 80, "draws": 4400},
            "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-01T01:00:00Z", "error": None}
     doc.update(manifest)
@@ -108,7 +110,8 @@ UNIT_SCHEMA = pa.schema([
     ("method", pa.string()), ("steps", pa.int64()), ("phase", pa.string()), ("start", pa.int64()),
     ("num_draws", pa.int64()), ("votes", pa.list_(pa.int64())), ("counts", pa.list_(pa.list_(pa.int64()))),
     ("t_star", pa.float64()), ("seconds", pa.float64()), ("unet_forwards", pa.int64()),
-    ("classifier_calls", pa.int64()), ("worker", pa.string()), ("engine", pa.string()), ("finished_at", pa.float64()),
+    ("classifier_calls", pa.int64()), ("votes_computed", pa.int64()), ("votes_skipped", pa.int64()),
+    ("worker", pa.string()), ("engine", pa.string()), ("finished_at", pa.float64()),
 ])
 
 
@@ -116,11 +119,13 @@ def _unit(uid: str, image: int, phase: str, start: int, draws: int, counts: list
           engine: str = "cuda bf16 batch 256") -> dict:
     return {"unit_id": uid, "image_id": image, "label": 1, "sigma": 0.25, "method": "cohen", "steps": 0,
             "phase": phase, "start": start, "num_draws": draws, "votes": [1], "counts": [counts], "t_star": 0.0,
-            "seconds": seconds, "unet_forwards": 0, "classifier_calls": draws, "worker": worker, "engine": engine,
+            "seconds": seconds, "unet_forwards": 0, "classifier_calls": draws, "votes_computed": draws, "votes_skipped": 0,
+            "worker": worker, "engine": engine,
             "finished_at": finished}
 
 
-PARTIAL_CONFIG = {"methods": ["cohen"], "sigmas": [0.25], "votes": [1], "steps": 0, "n0": 10, "n": 100, "alpha": 0.001}
+PARTIAL_CONFIG = {"methods": ["cohen"], "sigmas": [0.25], "votes": [1], "steps": 0, "n0": 10, "n": 100, "alpha": 0.001,
+                  "chunk": 50}
 
 
 def partial_units() -> list[dict]:

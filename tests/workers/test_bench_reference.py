@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from benchmarks.reference import ReferenceLoop
-from tests.fixtures.models import ToyClassifier, tiny_denoiser
+from tests.fixtures.models import ToyClassifier, replay_noise, tiny_denoiser
 from workers.engine import Engine
 from workers.classifier import Classifier
-from workers.purify import Purifier, PurifySpec, draw_generators
+from workers.purify import Purifier, PurifySpec
 
 
 class _Replay(ReferenceLoop):
@@ -35,10 +35,8 @@ def test_reference_votes_equal_engine_purification(learn_sigma: bool, steps: int
     x01 = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(1))
     spec = PurifySpec("densepure", sigma, steps=steps, votes=votes)
     with torch.inference_mode():
-        engine_out = Purifier(spec, den)(x01.expand(2, 1, 8, 8), draw_generators(seeds, "cpu"))
-    gens = draw_generators(seeds, "cpu")
-    delta = torch.stack([torch.randn((1, 8, 8), generator=g) for g in gens])
-    step_noise = [torch.stack([torch.randn((votes, 1, 8, 8), generator=g) for g in gens]) for _ in range(steps - 1)]
+        engine_out = Purifier(spec, den)(x01.expand(2, 1, 8, 8), seeds)
+    delta, step_noise = replay_noise(seeds, (1, 8, 8), votes=votes, noisy_steps=steps - 1)
     ref = _Replay(Classifier(ToyClassifier(), 3), den, "cpu", sigma, steps, votes, batch=2)
     for k in range(votes):
         # The last step's noise is drawn by the reference but masked out: any values do.

@@ -10,7 +10,7 @@ import torch
 
 from workers.engine import Engine, majority_votes
 from workers.denoiser import Denoiser
-from workers.purify import Purifier, PurifySpec, draw_generators
+from workers.purify import Purifier, PurifySpec
 from workers.schedule import (
     DensePureScheduler,
     NoiseSchedule,
@@ -19,7 +19,7 @@ from workers.schedule import (
     start_scale,
     timestep_for_sigma,
 )
-from tests.fixtures.models import ToyClassifier, tiny_denoiser
+from tests.fixtures.models import ToyClassifier, replay_noise, tiny_denoiser
 
 def test_linear_and_cosine_schedules_match_openai_definitions():
     lin = NoiseSchedule.from_name("linear", 1000)
@@ -117,12 +117,10 @@ def test_shared_first_step_equals_k_separate_runs():
     x01 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     seeds = [11, 12]
     with torch.inference_mode():
-        together = Purifier(spec, den)(x01, draw_generators(seeds, "cpu"))
+        together = Purifier(spec, den)(x01, seeds)
         # The reference loop: one vote at a time, every step evaluated, noise replayed from the same streams.
         sched = Purifier(spec, den).scheduler
-        gens = draw_generators(seeds, "cpu")
-        delta = torch.stack([torch.randn((1, 8, 8), generator=g) for g in gens])
-        step_noise = [torch.stack([torch.randn((4, 1, 8, 8), generator=g) for g in gens]) for _ in range(2)]
+        delta, step_noise = replay_noise(seeds, (1, 8, 8), votes=4, noisy_steps=2)
         x_t = start_scale(0.25) * (2 * (x01 + 0.25 * delta) - 1)
         for k in range(4):
             x = x_t.clone()
@@ -176,4 +174,9 @@ def test_engine_counts_sum_to_draws_and_report_forwards():
     spec = PurifySpec("densepure", 0.25, steps=2, votes=3)
     res = eng.count(torch.rand(1, 8, 8), spec, list(range(10)), [1, 3])
     assert res.counts.shape == (2, 3) and (res.counts.sum(axis=1) == 10).all()
-    assert res.unet_forwards == 10 * (1 + 3 * 1) and res.classifier_calls == 30
+    # Early majority: a draw whose first 2 of 3 votes agree needs no third vote.
+    assert res.classifier_calls == res.votes_computed and 20 <= res.votes_computed <= 30
+    assert res.votes_computed + res.votes_skipped == 30
+    assert res.unet_forwards == 10 + res.votes_computed * (2 - 1)
+    full = Engine(ToyClassifier(), den, batch_size=16, early_majority=False).count(torch.rand(1, 8, 8), spec, list(range(10)), [1, 3])
+    assert full.unet_forwards == 10 * (1 + 3 * 1) and full.classifier_calls == 30 and full.votes_skipped == 0

@@ -87,8 +87,7 @@ def test_cuda_batch_size_from_memory_probes() -> None:
     # CPU: the measured defaults, by image size (16 CIFAR-10 images, 512 digits, 1 ImageNet image).
     assert [cpu_batch_size(s) for s in [(3, 32, 32), (1, 8, 8), (3, 256, 256)]] == [16, 512, 1]
     eng = Engine(None, None, "cpu")
-    assert eng.batch_size is None and eng.draws_per_batch(PurifySpec("cohen", 0.5), (3, 32, 32)) == 16
-    assert eng.batch_size == 16 and eng.draws_per_batch(PurifySpec("densepure", 0.5, 2, 4)) == 4
+    assert eng.batch_size is None and eng._ensure_batch_size((3, 32, 32)) == 16 and eng.batch_size == 16
 
 
 def test_compiled_engine_runs_and_matches_eager(monkeypatch: pytest.MonkeyPatch) -> None:

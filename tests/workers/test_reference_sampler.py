@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.fixtures.models import replay_noise
 from workers.denoiser import Denoiser
-from workers.purify import Purifier, PurifySpec, draw_generators
+from workers.purify import Purifier, PurifySpec
 from workers.schedule import (
     DensePureScheduler,
     NoiseSchedule,
@@ -263,13 +264,12 @@ def test_full_trajectory_matches_the_reference(name, T, spec, rescale, sigma, st
     x01 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     seeds = [21, 22]
     with torch.inference_mode():
-        got = Purifier(PurifySpec("densepure", sigma, steps=steps, votes=1), den)(x01, draw_generators(seeds, "cpu"))
+        got = Purifier(PurifySpec("densepure", sigma, steps=steps, votes=1), den)(x01, seeds)
         fed_project = net.seen.copy()
         net.seen.clear()
         # The same random numbers, in the Purifier's documented order: delta, then one tensor per noisy step.
-        gens = draw_generators(seeds, "cpu")
-        delta = torch.stack([torch.randn((1, 8, 8), generator=g) for g in gens]).double()
-        noises = [torch.stack([torch.randn((1, 1, 8, 8), generator=g) for g in gens])[:, 0].double() for _ in range(steps - 1)]
+        delta, step_noise = replay_noise(seeds, (1, 8, 8), votes=1, noisy_steps=steps - 1, dtype=torch.float64)
+        noises = [n[:, 0] for n in step_noise]
         want = ref.run(net, x01, sigma, steps, delta, noises)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[:, 0], (want + 1) / 2, rtol=0, atol=1e-6)
@@ -298,7 +298,7 @@ def test_densepure_imagenet_respacing_1000_is_exactly_no_respacing() -> None:
     for spec in ("1000", ""):
         den = Denoiser.from_openai(net, diffusion_settings({**flags_for("linear", 1000, spec, True)}))
         with torch.inference_mode():
-            outs.append(Purifier(PurifySpec("densepure", 0.5, steps=3, votes=2), den)(x01, draw_generators([9], "cpu")))
+            outs.append(Purifier(PurifySpec("densepure", 0.5, steps=3, votes=2), den)(x01, [9]))
     assert torch.equal(outs[0], outs[1])
 
 
@@ -321,9 +321,9 @@ def test_dds_on_a_respaced_chain_feeds_the_mapped_timestep() -> None:
     ref = RefDensePure("linear", 1000, "250", True, "learned_range")
     x01 = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     with torch.inference_mode():
-        got = Purifier(PurifySpec("dds", 0.5), den)(x01, draw_generators([4], "cpu"))
+        got = Purifier(PurifySpec("dds", 0.5), den)(x01, [4])
         t = ref.carlini_t(0.5)
-        delta = torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(4)).double()
+        delta = replay_noise([4], (1, 8, 8), votes=0, noisy_steps=0, dtype=torch.float64)[0][0]
         x = (1 / (1 + 1.0**2)) ** 0.5 * ((x01 + 0.5 * delta - 0.5) * 2)
         eps = net(x, ref.net_t(torch.tensor([t])))[:, :1].double()
     abar = ref.abar_origin[t]
