@@ -8,6 +8,7 @@ when its manifest is one of ours (:data:`FORMAT` marker and a known version).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,16 +82,57 @@ class Manifest:
                 f"{where} was written by another version of densepure (run format {version}, this version reads "
                 f"{VERSION}): its draws cannot be mixed with new ones; use another --out, or --overwrite to replace it"
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        damaged = f"{where} is damaged ({{}}); use another --out, or --overwrite to replace it"
+        cost = data.get("cost") or {}
+        if not isinstance(cost, dict):
+            raise UserError(damaged.format(f"cost is a {type(cost).__name__}, not an object"))
+        values = _typed_values(cls, data, damaged)
+        values["cost"] = Cost(**_typed_values(Cost, cost, damaged, "cost."))
         try:
-            values["cost"] = Cost(**{k: v for k, v in (data.get("cost") or {}).items() if k in {f.name for f in dataclasses.fields(Cost)}})
             manifest = cls(**values)
         except TypeError as exc:
-            raise UserError(f"{where} is damaged ({exc}); use another --out, or --overwrite to replace it") from None
+            raise UserError(damaged.format(exc)) from None
         if not isinstance(manifest.config, dict) or manifest.status not in STATUSES:
-            raise UserError(f"{where} is damaged (config or status unreadable); use another --out, or --overwrite to replace it")
+            raise UserError(damaged.format("config or status unreadable"))
         return manifest
+
+
+_JSON_TYPES: dict[Any, tuple[type, ...]] = {
+    int: (int,), float: (int, float), str: (str,), dict: (dict,),
+}
+
+
+def _typed_values(cls: type, data: dict[str, Any], damaged: str, prefix: str = "") -> dict[str, Any]:
+    """The known fields of ``data`` for dataclass ``cls``, each checked against its declared type
+    (so that a damaged manifest fails here, with one line, not later in arithmetic)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data or f.name in ("cost", "format", "version"):
+            continue  # cost is parsed on its own; format and version were checked by is_ours
+        value, hint = data[f.name], hints[f.name]
+        optional = type(None) in typing.get_args(hint)
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+        base = typing.get_origin(base) or base
+        allowed = _JSON_TYPES.get(base)
+        if value is None and optional:
+            out[f.name] = None
+            continue
+        if allowed is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
+            raise UserError(damaged.format(f"{prefix}{f.name} is {json_type(value)}, expected {base.__name__}"))
+        out[f.name] = value
+    return out
+
+
+def json_type(value: Any) -> str:
+    """How a JSON value is described in messages: 'a list', 'null', 'the string "x"'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f'the string "{value[:40]}"'
+    name = {"dict": "object", "list": "list", "int": "integer", "float": "number", "bool": "boolean"}.get(
+        type(value).__name__, type(value).__name__)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def is_ours(data: Any) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.analysis import load_units, read_manifest, read_table
+from pipeline.lock import lease_state
 from pipeline.metrics import DEFAULT_BY, certified_accuracy
 
 __all__ = ["RunStatus", "format_status", "run_status"]
@@ -32,6 +33,11 @@ class RunStatus:
     * ``engines``: the distinct engine settings (device, precision, batch size) of the logged
       units; more than one means the counts are valid but not reproducible bit for bit.
     * ``accuracy_r0``: certified accuracy at radius 0 on finished images, per group.
+    * ``status``: the manifest's status, except ``stale`` for a run whose manifest says
+      ``running`` while no driver renews its lease (``lock.json`` stale or missing: the driver
+      was killed or lost its node); such a run has no ETA. ``manifest_status`` is the manifest's
+      own word; ``lease`` is ``held``/``stale``/``none`` and ``driver`` names the lease holder
+      (``host:pid (run ..., heartbeat N s ago)``) when there is one.
     """
 
     run: str
@@ -58,6 +64,14 @@ class RunStatus:
     draws_per_gpu_second: float | None = None
     eta_seconds: float | None = None
     accuracy_r0: list[dict[str, Any]] = field(default_factory=list)
+    manifest_status: str = ""
+    lease: str = "none"
+    driver: str | None = None
+
+    @property
+    def stale(self) -> bool:
+        """The manifest says running but no driver is alive to finish the run."""
+        return self.status == "stale"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,12 +113,19 @@ def run_status(run: str) -> RunStatus:
     draws_per_second = draws_done / wall if wall and draws_done else None
     draws_per_gpu_second = draws_done / gpu_seconds if gpu_seconds > 0 and draws_done else None
 
+    lease, holder = lease_state(run)
+    driver = holder.describe() if holder is not None else None
+    status = manifest.status
+    if status == "running" and lease != "held":
+        status = "stale"
+
     pairs = len(config["sigmas"]) * len(config["methods"])
     draws_total = manifest.images_total * pairs * (int(config["n0"]) + int(config["n"]))
     eta = None
     if manifest.status == "complete":
         eta = 0.0
-    elif draws_per_second:
+    elif draws_per_second and status != "stale":
+        # A run whose driver is gone makes no progress: an ETA would be a guess about a resume.
         eta = max(draws_total - draws_done, 0) / draws_per_second
 
     accuracy_r0: list[dict[str, Any]] = []
@@ -119,7 +140,7 @@ def run_status(run: str) -> RunStatus:
             accuracy_r0.append(row)
 
     return RunStatus(
-        run=run, run_id=manifest.run_id, status=manifest.status, error=manifest.error,
+        run=run, run_id=manifest.run_id, status=status, error=manifest.error,
         created_at=manifest.created_at, updated_at=manifest.updated_at, partial=partial,
         units_done=units_done, units_done_manifest=manifest.units_done, units_total=manifest.units_total,
         images_done=_images_finished(table, pairs), images_total=manifest.images_total,
@@ -127,6 +148,7 @@ def run_status(run: str) -> RunStatus:
         unet_forwards=unet_forwards, classifier_calls=classifier_calls, wall_seconds=wall,
         workers=workers, engines=engines, draws_per_second=draws_per_second,
         draws_per_gpu_second=draws_per_gpu_second, eta_seconds=eta, accuracy_r0=accuracy_r0,
+        manifest_status=manifest.status, lease=lease, driver=driver,
     )
 
 
@@ -145,7 +167,13 @@ def _of(done: Any, total: Any) -> str:
 def format_status(s: RunStatus) -> str:
     """Human-readable, multi-line rendering of :func:`run_status`."""
     head = f"run {s.run}" + (f" (id {s.run_id})" if s.run_id else "")
-    lines = [f"{head}: {s.status}"]
+    lines = [f"{head}: {'stale (driver lost?)' if s.stale else s.status}"]
+    if s.stale:
+        why = f"its lease is stale: {s.driver}" if s.driver else (
+            "its lease is damaged" if s.lease == "stale" else "no driver holds its lease")
+        lines.append(f"  driver:     none alive: the manifest says running but {why}; resume it to finish")
+    elif s.status == "running" and s.driver:
+        lines.append(f"  driver:     {s.driver}")
     if s.error:
         lines.append(f"  error:      {s.error}")
     lines.append(f"  units:      {_of(s.units_done, s.units_total)}")
@@ -170,7 +198,7 @@ def format_status(s: RunStatus) -> str:
     elif s.engines:
         # Counts stay valid, but a rerun on one setting would not reproduce them bit for bit.
         lines.append(f"  engine:     MIXED settings across units: {'; '.join(s.engines)}")
-    lines.append(f"  ETA:        {_duration(s.eta_seconds)}")
+    lines.append(f"  ETA:        {'none (no live driver)' if s.stale else _duration(s.eta_seconds)}")
     if s.updated_at:
         lines.append(f"  updated:    {s.updated_at}")
     if s.accuracy_r0:

@@ -1,6 +1,7 @@
 """Session fixtures, by family in ``tests/fixtures/``, and the ``system`` marker.
 
-* ``tests/fixtures/s3.py``             -- ``s3_server``, ``s3_bucket`` (moto on 127.0.0.1)
+* ``tests/fixtures/s3.py``             -- ``s3_server``, ``s3_bucket`` (moto on 127.0.0.1), ``flaky_s3``
+  (a proxy in front of it that fails the first attempts of every request)
 * ``tests/fixtures/ray_cluster.py``    -- ``ray_cluster`` (``ray start --head`` on 127.0.0.1, started
   after the S3 server so that its workers inherit the AWS_* environment), ``ray_driver``
 * ``tests/fixtures/reference_runs.py`` -- ``reference``, ``longer_reference``: the uninterrupted
@@ -28,10 +29,10 @@ import pytest  # noqa: E402
 
 from tests.fixtures.ray_cluster import RayCluster, ray_cluster, ray_driver  # noqa: E402,F401
 from tests.fixtures.reference_runs import longer_reference, reference  # noqa: E402,F401
-from tests.fixtures.s3 import S3Server, s3_bucket, s3_server  # noqa: E402,F401
+from tests.fixtures.s3 import S3Server, flaky_s3, s3_bucket, s3_server  # noqa: E402,F401
 
 _SYSTEM_DIR = Path(__file__).resolve().parent / "system"
-_SERVER_FIXTURES = frozenset({"s3_server", "s3_bucket", "ray_cluster", "ray_driver", "reference", "longer_reference"})
+_SERVER_FIXTURES = frozenset({"s3_server", "s3_bucket", "flaky_s3", "ray_cluster", "ray_driver", "reference", "longer_reference"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +21,28 @@ from torch import nn
 from workers.errors import first_line
 from workers.unet import UNetModel, build_openai_unet
 
-__all__ = ["load_openai_checkpoint", "read_state_dict"]
+__all__ = ["is_untrusted_pickle", "load_openai_checkpoint", "read_state_dict", "untrusted_pickle_message"]
+
+
+def is_untrusted_pickle(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is torch refusing a ``weights_only``
+    load: the file pickles objects other than tensors. transformers and diffusers re-raise it
+    with torch's text, whose advice (``weights_only=False``) must never reach a user."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def untrusted_pickle_message(what: str) -> str:
+    """The one line for a weights file refused by ``weights_only`` loading."""
+    return (
+        f"{what} holds objects other than tensors and is not loaded (untrusted pickle): "
+        "re-save its state_dict with torch.save or convert it to .safetensors"
+    )
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -37,13 +59,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             raise ValueError(f"could not read checkpoint {path}: {first_line(exc)}") from None
     elif ext in (".pt", ".pth"):
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # e.g. "Detected pickle protocol 4": noise on stderr next to the one-line error.
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             # torch's own message suggests weights_only=False: never for a file we did not make.
-            raise ValueError(
-                f"checkpoint {path} holds objects other than tensors and is not loaded (untrusted pickle): "
-                "re-save its state_dict with torch.save or convert it to .safetensors"
-            ) from None
+            raise ValueError(untrusted_pickle_message(f"checkpoint {path}")) from None
         except (zipfile.BadZipFile, EOFError, RuntimeError, OSError, ValueError) as exc:
             raise ValueError(f"could not read checkpoint {path} (corrupt or truncated?): {first_line(exc)}") from None
     else:

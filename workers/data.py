@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import io
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
@@ -438,6 +439,72 @@ def load_dataset(spec: str) -> Dataset:
         len(dataset)  # list now so an empty or malformed folder fails before any model is loaded
         return dataset
     return load_parquet_images(path)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def check_images(dataset: Dataset, image_ids: list[int] | range, workers: int = 8) -> tuple[int, int, int]:
+    """Decode every selected image and check that they all have one shape; return it (C, H, W).
+
+    Meant for the driver's preflight, before any GPU time: a corrupt image or one of another size
+    deep in the selection would otherwise fail a worker hours into a run. Raises one UserError
+    naming the first bad ``image_id`` (in ``image_ids`` order) and what is wrong with it.
+    Encoded or remote datasets (image folders, Parquet) are decoded by ``workers`` threads (Pillow
+    and S3 reads release the GIL); in-memory arrays need no decoding and are only range-checked.
+    For a Parquet dataset the checked shape also becomes its ``image_shape``, so that the model
+    checks use the selected images' shape rather than image 0's.
+    """
+    ids = [int(i) for i in image_ids]
+    if not ids:
+        raise UserError(f"no images selected from {dataset.name}; select at least one image")
+    if isinstance(dataset, ArrayDataset):
+        for i in ids:
+            _check_id(dataset.name, i, len(dataset))
+        return dataset.image_shape
+
+    def probe(image_id: int) -> tuple[int, ...]:
+        image, _ = dataset.get(image_id)
+        return tuple(int(d) for d in image.shape)
+
+    def bad(image_id: int, problem: str) -> UserError:
+        return UserError(f"image_id {image_id} of dataset {dataset.name}: {problem}")
+
+    reference: tuple[int, ...] | None = None
+    first_id = ids[0]
+    parallel = workers > 1 and len(ids) > 1 and isinstance(dataset, (ImageFolderDataset, ParquetImageDataset))
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(ids)), thread_name_prefix="check-images") if parallel else None
+    try:
+        # Submitted in bounded batches so a huge selection does not queue a future per image at once.
+        batch = max(workers * 16, 1)
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            futures = [pool.submit(probe, i) for i in chunk] if pool is not None else None
+            for k, image_id in enumerate(chunk):
+                try:
+                    shape = futures[k].result() if futures is not None else probe(image_id)
+                except UserError as exc:
+                    raise bad(image_id, str(exc)) from exc
+                if len(shape) != 3:
+                    raise bad(image_id, f"decodes to an array of shape {shape}, not (C, H, W); store RGB or greyscale images")
+                if reference is None:
+                    reference = shape
+                elif shape != reference:
+                    raise bad(
+                        image_id,
+                        f"is {_shape_text(shape)} but image_id {first_id} is {_shape_text(reference)}; every image "
+                        "must have the same size and channels: resize or convert them to one shape",
+                    )
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    assert reference is not None
+    if isinstance(dataset, ParquetImageDataset):
+        dataset._shape = reference  # type: ignore[assignment]
+    elif tuple(dataset.image_shape) != reference:
+        raise bad(first_id, f"is {_shape_text(reference)} but the dataset declares {_shape_text(tuple(dataset.image_shape))}")
+    return reference  # type: ignore[return-value]
 
 
 def select_indices(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from workers import storage
+from workers.checkpoint import is_untrusted_pickle, untrusted_pickle_message
 from workers.classifier import Classifier
 from workers.denoiser import Denoiser, DiffusersEps
 from workers.errors import UserError, first_line
@@ -208,6 +209,8 @@ def _load_diffusers(path: str) -> Denoiser:
         scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_path.parent)))
         unet = UNet2DModel.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
     except Exception as exc:  # corrupt weights or config: the user must fix the directory
+        if is_untrusted_pickle(exc):
+            raise UserError(untrusted_pickle_message(f"the weights of diffusers model {root}")) from None
         raise UserError(f"cannot load diffusers model {root}: {first_line(exc)}") from exc
 
     cfg = scheduler.config
@@ -326,6 +329,8 @@ def _load_hf(path: str) -> Classifier:
         model = AutoModelForImageClassification.from_pretrained(str(root), local_files_only=True)
         proc = AutoImageProcessor.from_pretrained(str(root), local_files_only=True)
     except Exception as exc:  # corrupt weights, unknown architecture, bad JSON
+        if is_untrusted_pickle(exc):
+            raise UserError(untrusted_pickle_message(f"the weights of Hugging Face classifier {root}")) from None
         raise UserError(f"cannot load Hugging Face classifier {root}: {first_line(exc)}") from exc
     size, crop = _hf_geometry(proc, root)
     mean = std = None

@@ -19,6 +19,15 @@ Design notes (the *why*):
   instance role), which both pyarrow and boto3 implement.
 * ``fetch`` mirrors S3 objects into a local cache for libraries that need a
   real path (model checkpoints, Hugging Face model directories).
+* Every S3 request retries transient failures (throttling, 500/502/503/504,
+  connection resets and timeouts) with exponential backoff and jitter:
+  botocore's ``standard`` retry mode for boto3 calls and
+  ``AwsStandardS3RetryStrategy`` (the same policy in the AWS C++ SDK) for
+  pyarrow's reads and listings, both with :data:`S3_MAX_ATTEMPTS` attempts.
+* Small coordination objects (the run lease) use conditional writes:
+  :func:`create_exclusive`, :func:`replace_if_match` and :func:`delete_if_match`
+  (S3 ``If-None-Match``/``If-Match``; locally a guard file lock plus
+  ``os.link``, see :func:`_guard`).
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ S3_PREFIX = "s3://"
 FILE_PREFIX = "file://"
 DEFAULT_REGION = "us-east-1"
 _CHUNK = 4 * 1024 * 1024
+S3_MAX_ATTEMPTS = 8
+"""Attempts (first try included) per S3 request. Standard-mode backoff is ``rand(0, 1) * 2**attempt``
+seconds capped at 20 s, so 8 attempts ride out roughly a minute of throttling or a restarting
+endpoint; a request that still fails is a real outage and becomes a one-line error."""
 
 # Hidden names (temp files, write probes, cache metadata) are never results.
 _HIDDEN = "."
@@ -155,7 +168,13 @@ def _s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     with _CACHE_LOCK:
         fs = _FILESYSTEMS.get(key)
         if fs is None:
-            kwargs: dict[str, Any] = {"region": settings.region, "connect_timeout": 10.0}
+            kwargs: dict[str, Any] = {
+                "region": settings.region,
+                "connect_timeout": 10.0,
+                # pyarrow's default retries only a few error kinds with a fixed short delay; the
+                # standard strategy also retries throttling and 5xx answers, with backoff.
+                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+            }
             if settings.endpoint_url is not None:
                 parts = urlsplit(settings.endpoint_url)
                 kwargs["endpoint_override"] = parts.netloc
@@ -188,7 +207,7 @@ def _s3_client(settings: S3Settings) -> Any:
     with _CACHE_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
-            client = _new_client(settings, connect_timeout=10, read_timeout=120, attempts=5)
+            client = _new_client(settings, connect_timeout=10, read_timeout=120, attempts=S3_MAX_ATTEMPTS)
             _CLIENTS[key] = client
         return client
 
@@ -338,8 +357,57 @@ def _missing(uri: str) -> NotFoundError:
     return NotFoundError(f"{uri} does not exist; check the path or URI")
 
 
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """Failures while streaming a response body, which botocore's retries do not cover
+    (they end once the headers are in)."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    return (ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError, ConnectionError)
+
+
+def _backoff(attempt: int) -> None:
+    """Sleep like botocore's standard mode: rand(0, 1) * 2**attempt seconds, at most 20."""
+    import random
+    import time
+
+    time.sleep(min(random.random() * (2 ** attempt), 20.0))
+
+
+def _s3_get_bytes(uri: str) -> bytes:
+    """One object's bytes through boto3 (retried, body included); NotFoundError when missing.
+
+    Not pyarrow: its GetObject does not retry a 503 (the AWS C++ SDK fails with "Failed to flush
+    response stream" while writing the error body into the read buffer).
+    """
+    settings = s3_settings()
+    bucket, key = _split_s3(uri)
+    if not key or key.endswith("/"):
+        raise UserError(f"'{uri}' names a prefix, not an object; add a file name")
+    client = _s3_client(settings)
+    for attempt in range(S3_MAX_ATTEMPTS):
+        try:
+            response = client.get_object(Bucket=bucket, Key=key)
+            return response["Body"].read()
+        except _body_errors() as exc:
+            if attempt + 1 >= S3_MAX_ATTEMPTS:
+                raise _s3_user_error(exc, uri, settings) from exc
+            _backoff(attempt)
+        except Exception as exc:  # botocore raises many unrelated types
+            if _client_error_code(exc) in _MISSING_CODES:
+                raise _missing(uri) from exc
+            raise _s3_user_error(exc, uri, settings) from exc
+    raise AssertionError("unreachable")
+
+
 def read_bytes(uri: str) -> bytes:
     """Whole content of a file or object; NotFoundError if it is missing."""
+    if is_s3(uri):
+        return _s3_get_bytes(uri)
     fs, path = resolve(uri)
     try:
         with fs.open_input_stream(path) as stream:
@@ -367,9 +435,13 @@ def read_json(uri: str) -> Any:
 def read_parquet(uri: str) -> pd.DataFrame:
     """Read a Parquet file (or a directory of them) into a DataFrame."""
     fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.NotFound:
         raise _missing(uri)
     try:
+        if kind == pafs.FileType.File and is_s3(uri):
+            # Through boto3, whose reads retry (see _s3_get_bytes).
+            return pq.read_table(pa.BufferReader(_s3_get_bytes(uri))).to_pandas()
         return pq.read_table(path, filesystem=fs).to_pandas()
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise UserError(f"cannot read Parquet from {uri} ({first_line(exc)}); check that it is a valid Parquet file") from exc
@@ -381,12 +453,32 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+@dataclass(frozen=True)
+class FileEntry:
+    """One listed file: its full URI and size in bytes."""
+
+    uri: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def list_files(uri_dir: str, suffix: str | None = None, recursive: bool = False) -> list[str]:
     """Sorted full URIs of the files under ``uri_dir`` (empty when it is missing).
 
     Hidden entries (names starting with '.', e.g. in-flight temp files) are
     skipped because they are never complete results.
     """
+    return [entry.uri for entry in list_entries(uri_dir, suffix, recursive)]
+
+
+def list_entries(
+    uri_dir: str, suffix: str | None = None, recursive: bool = False, include_hidden: bool = False
+) -> list[FileEntry]:
+    """Like :func:`list_files`, with sizes (free: they come with the listing); ``include_hidden``
+    also returns hidden entries (temp files of interrupted writes, lock guards)."""
     fs, path = resolve(uri_dir)
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     try:
@@ -401,12 +493,12 @@ def list_files(uri_dir: str, suffix: str | None = None, recursive: bool = False)
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(path):].lstrip("/")
-        if any(part.startswith(_HIDDEN) for part in rel.split("/")):
+        if not include_hidden and any(part.startswith(_HIDDEN) for part in rel.split("/")):
             continue
         if suffix is not None and not rel.endswith(suffix):
             continue
-        out.append(join(base, *rel.split("/")))
-    return sorted(out)
+        out.append(FileEntry(uri=join(base, *rel.split("/")), size=int(info.size or 0)))
+    return sorted(out, key=lambda entry: entry.uri)
 
 
 def makedirs(uri_dir: str) -> None:
@@ -433,6 +525,250 @@ def delete_tree(uri_dir: str) -> None:
         fs.delete_dir(path)
 
 
+def delete_files(uris: list[str]) -> None:
+    """Delete these files or objects (missing ones are fine); never touches anything else.
+
+    S3: ``DeleteObjects`` in batches of 1000 keys per bucket; a key S3 refuses raises.
+    """
+    by_bucket: dict[str, list[str]] = {}
+    for uri in uris:
+        if is_s3(uri):
+            bucket, key = _split_s3(uri)
+            if not key or key.endswith("/"):
+                raise UserError(f"'{uri}' names a prefix, not an object; refusing to delete it")
+            by_bucket.setdefault(bucket, []).append(key)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_local_path(uri))
+    if not by_bucket:
+        return
+    settings = s3_settings()
+    client = _s3_client(settings)
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):
+            batch = keys[i:i + 1000]
+            try:
+                response = client.delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            except Exception as exc:  # botocore raises many unrelated types
+                raise _s3_user_error(exc, f"s3://{bucket}/{batch[0]}", settings) from exc
+            errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                raise UserError(
+                    f"S3 refused to delete s3://{bucket}/{first.get('Key')} ({first.get('Code')}: "
+                    f"{first.get('Message')}); check s3:DeleteObject permissions"
+                )
+
+
+def move(src: str, dst: str) -> None:
+    """Move one file or object to ``dst`` (same storage): a rename locally, copy then delete on S3.
+
+    On S3 the destination is complete before the source goes, so a crash in between leaves two
+    copies, never none.
+    """
+    if is_s3(src) != is_s3(dst):
+        raise UserError(f"cannot move {src} to {dst}: both must be local or both on S3")
+    if not is_s3(src):
+        target = _local_path(dst)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            os.replace(_local_path(src), target)
+        except FileNotFoundError as exc:
+            raise _missing(src) from exc
+        return
+    settings = s3_settings()
+    src_bucket, src_key = _split_s3(src)
+    dst_bucket, dst_key = _split_s3(dst)
+    client = _s3_client(settings)
+    try:
+        client.copy_object(Bucket=dst_bucket, Key=dst_key, CopySource={"Bucket": src_bucket, "Key": src_key})
+        client.delete_object(Bucket=src_bucket, Key=src_key)
+    except Exception as exc:  # botocore raises many unrelated types
+        raise _s3_user_error(exc, src, settings) from exc
+
+
+# --------------------------------------------------------------------------
+# Conditional writes (small coordination objects such as the run lease)
+# --------------------------------------------------------------------------
+#
+# A *version* names one exact content of an object: its ETag on S3, the SHA-256 of its bytes
+# locally. The three writes below succeed only against the state the caller saw, so two
+# processes that race on the same object cannot both win.
+#
+# S3: PutObject with If-None-Match: * (create) or If-Match: ETAG (replace), DeleteObject with
+# If-Match: ETAG (AWS, MinIO and moto 5 implement all three). A lost response can make a write
+# that did happen look refused after botocore retries it (the retry sees 412): callers that
+# embed a unique token in the bytes can tell, by reading the object back, that the write was
+# theirs (the run lease does).
+#
+# Locally: every operation holds an exclusive flock on a hidden guard file beside the object
+# (``.NAME.guard``; reads take it shared), and a create also goes through os.link, which fails
+# if the name exists, so even without working flock two creators cannot both win. The guard
+# file stays: deleting it while another process waits on its lock would hand the two of them
+# different lock files.
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """The bytes of an object and the version they were read at."""
+
+    data: bytes
+    version: str
+
+
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def _client_error_code(exc: Exception) -> str | None:
+    from botocore.exceptions import ClientError
+
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return None
+
+
+def _local_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def _guard(path: str, exclusive: bool = True) -> Iterator[None]:
+    """Hold the guard lock of the local file ``path`` (see the notes above)."""
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    guard = os.path.join(directory, f".{name}.guard")
+    fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _read_local(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError as exc:
+        raise UserError(f"{path} is a directory; remove it (it should be a file)") from exc
+
+
+def _write_local_temp(path: str, data: bytes) -> str:
+    """A fsynced hidden temp file next to ``path`` holding ``data``."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return tmp
+
+
+def read_versioned(uri: str) -> Versioned | None:
+    """The object's bytes and version, or None when there is no object at ``uri``."""
+    if not is_s3(uri):
+        path = _local_path(uri)
+        with _guard(path, exclusive=False):
+            data = _read_local(path)
+        return None if data is None else Versioned(data, _local_version(data))
+    settings = s3_settings()
+    bucket, key = _split_s3(uri)
+    try:
+        response = _s3_client(settings).get_object(Bucket=bucket, Key=key)
+        data = response["Body"].read()
+    except Exception as exc:  # botocore raises many unrelated types
+        if _client_error_code(exc) in _MISSING_CODES:
+            return None
+        raise _s3_user_error(exc, uri, settings) from exc
+    return Versioned(data, str(response.get("ETag", "")))
+
+
+def create_exclusive(uri: str, data: bytes) -> str | None:
+    """Create ``uri`` holding ``data`` only if nothing exists there; its version, or None if it existed.
+
+    Exactly one of several concurrent creators gets a version back.
+    """
+    if not is_s3(uri):
+        path = _local_path(uri)
+        with _guard(path):
+            tmp = _write_local_temp(path, data)
+            try:
+                os.link(tmp, path)  # atomic, and refuses an existing name
+            except FileExistsError:
+                return None
+            finally:
+                os.unlink(tmp)
+        return _local_version(data)
+    settings = s3_settings()
+    bucket, key = _split_s3(uri)
+    try:
+        response = _s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except Exception as exc:  # botocore raises many unrelated types
+        if _client_error_code(exc) in _PRECONDITION_CODES:
+            return None
+        raise _conditional_error(exc, uri, settings) from exc
+    return str(response.get("ETag", ""))
+
+
+def replace_if_match(uri: str, data: bytes, version: str) -> str | None:
+    """Replace ``uri`` with ``data`` only if it is still at ``version``; the new version, or None
+    when the object changed or vanished since."""
+    if not is_s3(uri):
+        path = _local_path(uri)
+        with _guard(path):
+            current = _read_local(path)
+            if current is None or _local_version(current) != version:
+                return None
+            tmp = _write_local_temp(path, data)
+            os.replace(tmp, path)
+        return _local_version(data)
+    settings = s3_settings()
+    bucket, key = _split_s3(uri)
+    try:
+        response = _s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data, IfMatch=version)
+    except Exception as exc:  # botocore raises many unrelated types
+        if _client_error_code(exc) in _PRECONDITION_CODES | _MISSING_CODES:
+            return None
+        raise _conditional_error(exc, uri, settings) from exc
+    return str(response.get("ETag", ""))
+
+
+def delete_if_match(uri: str, version: str) -> bool:
+    """Delete ``uri`` only if it is still at ``version``; False when it changed or is gone."""
+    if not is_s3(uri):
+        path = _local_path(uri)
+        with _guard(path):
+            current = _read_local(path)
+            if current is None or _local_version(current) != version:
+                return False
+            os.unlink(path)
+        return True
+    settings = s3_settings()
+    bucket, key = _split_s3(uri)
+    try:
+        _s3_client(settings).delete_object(Bucket=bucket, Key=key, IfMatch=version)
+    except Exception as exc:  # botocore raises many unrelated types
+        if _client_error_code(exc) in _PRECONDITION_CODES | _MISSING_CODES:
+            return False
+        raise _conditional_error(exc, uri, settings) from exc
+    return True
+
+
+def _conditional_error(exc: Exception, uri: str, settings: S3Settings) -> Exception:
+    """One line for a conditional request the endpoint cannot do (old S3-compatible servers)."""
+    if _client_error_code(exc) in ("NotImplemented", "501"):
+        return UserError(
+            f"the S3 endpoint {settings.display_endpoint} does not support conditional writes "
+            f"(If-Match/If-None-Match) needed for {uri}; use AWS S3 or a server that implements them"
+        )
+    return _s3_user_error(exc, uri, settings)
+
+
 def sha256_file(path: str) -> str:
     """Hex SHA-256 of a local file, read in chunks."""
     digest = hashlib.sha256()
@@ -447,6 +783,16 @@ def sha256_file(path: str) -> str:
 # --------------------------------------------------------------------------
 
 
+def _file_on_path(path: str) -> str | None:
+    """The first existing non-directory among the parents of ``path`` (None when there is none)."""
+    parent = os.path.dirname(path)
+    while parent and parent != os.path.dirname(parent):
+        if os.path.lexists(parent):
+            return None if os.path.isdir(parent) else parent
+        parent = os.path.dirname(parent)
+    return None
+
+
 def check_access(uri: str) -> None:
     """Fail fast, with one line, if results cannot be written under ``uri``.
 
@@ -457,6 +803,12 @@ def check_access(uri: str) -> None:
     """
     if not is_s3(uri):
         path = _local_path(uri)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            # makedirs would say "File exists", which reads as if the folder were the problem.
+            raise UserError(f"{path} is a file, not a folder; pass a folder (new or existing) for the results")
+        blocking = _file_on_path(path)
+        if blocking is not None:
+            raise UserError(f"{blocking} is a file, so {path} cannot be a folder; pass a folder (new or existing) for the results")
         try:
             os.makedirs(path, exist_ok=True)
             probe = os.path.join(path, f".write-probe-{uuid.uuid4().hex}")
@@ -474,7 +826,8 @@ def check_access(uri: str) -> None:
     bucket, key = _split_s3(uri)
     prefix = key.strip("/")
     probe_key = f"{prefix}/.write-probe-{uuid.uuid4().hex}" if prefix else f".write-probe-{uuid.uuid4().hex}"
-    # Short timeouts and few retries: a dead endpoint must fail in seconds.
+    # Short timeouts and one retry: a dead endpoint must fail in seconds (every retry of a
+    # refused connection adds its backoff). The run's own requests retry S3_MAX_ATTEMPTS times.
     client = _new_client(settings, connect_timeout=5, read_timeout=10, attempts=2)
     try:
         client.head_bucket(Bucket=bucket)
@@ -561,7 +914,7 @@ def _download_object(client: Any, bucket: str, remote: RemoteObject, local: str,
             handle.flush()
             os.fsync(handle.fileno())
         if written != expected:
-            raise OSError(f"short download of s3://{bucket}/{remote.key}: {written} of {expected} bytes")
+            raise _ShortDownload(f"short download of s3://{bucket}/{remote.key}: {written} of {expected} bytes")
         os.replace(tmp, local)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -581,8 +934,20 @@ def _sync_object(client: Any, bucket: str, remote: RemoteObject, local: str, met
     """Make ``local`` a verified copy of ``remote``; True when it had to download."""
     if _cache_valid(local, meta_path, remote):
         return False
-    _download_object(client, bucket, remote, local, meta_path)
-    return True
+    for attempt in range(S3_MAX_ATTEMPTS):
+        try:
+            _download_object(client, bucket, remote, local, meta_path)
+            return True
+        except (*_body_errors(), _ShortDownload):
+            # botocore retried the request itself; a body cut off half-way needs a new GET.
+            if attempt + 1 >= S3_MAX_ATTEMPTS:
+                raise
+            _backoff(attempt)
+    raise AssertionError("unreachable")
+
+
+class _ShortDownload(OSError):
+    """Fewer bytes arrived than the object's Content-Length."""
 
 
 def _head(client: Any, bucket: str, key: str) -> RemoteObject | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -140,8 +141,15 @@ def partial_units() -> list[dict]:
 
 
 def partial_run(tmp_path: Path) -> str:
-    return write_run(tmp_path / "partial", None, status="running", units=partial_units(), config=PARTIAL_CONFIG,
-                     units_total=6, units_done=3, images_total=2)
+    run = write_run(tmp_path / "partial", None, status="running", units=partial_units(), config=PARTIAL_CONFIG,
+                    units_total=6, units_done=3, images_total=2)
+    # A live driver's lease (heartbeat now): without one, status calls the run stale.
+    now = time.time()
+    (Path(run) / "lock.json").write_text(json.dumps({
+        "format": "densepure-lock", "host": "node-1", "pid": 4242, "run_id": "partial", "token": "t" * 32,
+        "started_at": now - 60, "heartbeat_at": now, "stale_after_s": 120.0,
+    }))
+    return run
 
 
 # --------------------------------------------------------------------------- metrics

@@ -340,7 +340,7 @@ def test_check_access_without_credentials(s3_server, monkeypatch: pytest.MonkeyP
 
 def test_check_access_local_unwritable(tmp_path) -> None:
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match="cannot write to directory") as info:
+    with pytest.raises(UserError, match="file is a file, so .*/file/sub cannot be a folder") as info:
         storage.check_access(str(tmp_path / "file" / "sub"))
     assert "\n" not in str(info.value)
 
