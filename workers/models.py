@@ -298,6 +298,12 @@ def _wrap(exc: BaseException, path: Path | str, what: str) -> UserError:
     return UserError(msg if str(path) in msg else f"{what} {path}: {msg}")
 
 
+def read_model_flags(model_flags: str | dict) -> dict:
+    """The OpenAI flags of ``model_flags`` (a dict, or a JSON file, local or URI) as a dict;
+    UserError naming the file when it is missing or not a flags file."""
+    return _openai_flags(model_flags)
+
+
 def _openai_flags(model_flags: str | dict) -> dict:
     from workers.unet_flags import unet_flags_from_json
 
@@ -655,5 +661,6 @@ __all__ = [
     "parse_hub_id",
     "pin_source",
     "quiet_loading",
+    "read_model_flags",
     "resolve_hub",
 ]
