@@ -43,14 +43,16 @@ __all__ = [
     "unet_flops",
 ]
 
-DEFAULT_TFLOPS = 300.0
-"""Sustained dense TFLOP/s per GPU assumed for GPU-hours: 30% of an H100 SXM's 989 dense bf16
-TFLOP/s (NVIDIA's datasheet figure without sparsity), the precision ``--precision auto`` picks on
-GPUs. 30% because diffusion UNets are not matmul-bound end to end: GroupNorm (kept in fp32 under
-autocast), SiLU, the attention softmax and the sampler's elementwise steps are memory-bound and
-uncounted, and a batch of one image's draws is small for the 8x8 and 16x16 levels. Calibrate it
-on your hardware: after a short run, ``densepure status`` gives draws per GPU-second; multiply by
-this estimate's FLOPs per draw."""
+DEFAULT_TFLOPS = 200.0
+"""Sustained TFLOP/s per GPU assumed for GPU-hours: 20% of an H100 SXM's 989 dense bf16/fp16
+TFLOP/s (NVIDIA's datasheet figure without sparsity). 20% is the utilisation this workload is
+known to reach: Carlini et al. (2023) report about 469 s per ImageNet image on one A100 for
+n = 10,000 one-shot draws, i.e. 10,100 x (2.24 TFLOP guided-diffusion UNet + about 0.72 TFLOP
+BEiT-large/16 at 512) = 3.0e16 FLOP in 469 s = 64 TFLOP/s, 20% of the A100's 312. Diffusion
+UNets are not matmul-bound end to end (GroupNorm, SiLU, softmax and the sampler's elementwise
+steps are memory-bound and uncounted). Calibrate it on your hardware: after a short run,
+``densepure status`` gives draws per GPU-second; times this estimate's FLOPs per draw, that is
+your sustained throughput."""
 
 CHECKPOINT_MANIFESTS = Path(__file__).resolve().parents[1] / "configs" / "checkpoints"
 """Manifests of the paper checkpoints: their flags and ``forward_flops_per_image``."""
@@ -285,7 +287,14 @@ def dry_run(config: RunConfig, assume_tflops: float = DEFAULT_TFLOPS) -> CostEst
                     except ValueError as exc:
                         raise UserError(f"{method} at sigma {sigma:g}: {first_line(exc)}") from exc
         unet = unet_flops(denoiser, config.model_flags)
-    return estimate(config, images, unet=unet, classifier=classifier_flops(classifier, shape), assume_tflops=assume_tflops)
+    try:
+        # The FLOP count is also the first time the classifier sees data of this shape.
+        clf_flops = classifier_flops(classifier, shape)
+    except Exception as exc:  # noqa: BLE001 - e.g. 3-channel images into a 1-channel network
+        raise UserError(
+            f"classifier {config.classifier} fails on {config.data}'s {'x'.join(map(str, shape))} images: {first_line(exc)}"
+        ) from exc
+    return estimate(config, images, unet=unet, classifier=clf_flops, assume_tflops=assume_tflops)
 
 
 # --------------------------------------------------------------------------------------------

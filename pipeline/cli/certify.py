@@ -49,7 +49,7 @@ def _run_certify(ray_address: str | None, show_report: bool, dry_run: bool = Fal
 @click.option("--dry-run", is_flag=True, help="Validate the options, load the data and the models on this CPU, print the run's "
               "units, draws, network evaluations, FLOPs and GPU-hours, and exit: nothing is run or written.")
 @click.option("--assume-tflops", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TFLOPS, show_default=True,
-              help="Sustained TFLOP/s per GPU behind --dry-run's GPU-hours (default: 30% of an H100 SXM's 989 dense bf16 TFLOP/s).")
+              help="Sustained TFLOP/s per GPU behind --dry-run's GPU-hours (default: 20% of an H100 SXM's 989 dense bf16 TFLOP/s, the utilisation Carlini et al.'s A100 timing implies).")
 @handle_user_errors
 def certify(**options: Any) -> None:
     """Certify a dataset with Cohen smoothing, DDS and DensePure on a Ray cluster (or locally)."""
