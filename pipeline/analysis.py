@@ -14,17 +14,30 @@ need next: metrics (:mod:`pipeline.metrics`), text formats (:mod:`pipeline.forma
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pandas as pd
 
-from pipeline.formats import TSV_GROUP, format_table, select_group, to_cohen_tsv
+from pipeline.formats import (
+    TSV_GROUP,
+    filter_groups,
+    format_table,
+    group_file_name,
+    groups,
+    select_group,
+    to_cohen_tsv,
+    to_grouped_tsv,
+)
 from pipeline.manifest import Manifest
 from pipeline.metrics import DEFAULT_BY, average_certified_radius, best_over_sigma, certified_accuracy
 from pipeline.plots import plot_certified_accuracy
 from pipeline.rundir import RunDir
-from workers.errors import UserError
+from workers import storage
+from workers.errors import UserError, first_line
 
 __all__ = [
     "DEFAULT_BY",
@@ -33,6 +46,8 @@ __all__ = [
     "average_certified_radius",
     "best_over_sigma",
     "certified_accuracy",
+    "check_local_output",
+    "export_per_group",
     "export_tsv",
     "format_table",
     "load_run",
@@ -50,19 +65,43 @@ class PartialRunWarning(UserWarning):
     """A run is not complete; its table was rebuilt from the unit log and covers finished images only."""
 
 
+@contextlib.contextmanager
+def _reading(run: str) -> Iterator[None]:
+    """Storage failures while reading ``run`` as one-line UserErrors.
+
+    pyarrow reports an unreachable S3 endpoint (or a local permission problem) as a bare
+    OSError whose text is long and names no fix; the user needs the run, the endpoint and what
+    to check.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as exc:
+        if storage.is_s3(run):
+            where = storage.s3_settings().display_endpoint
+            raise UserError(
+                f"cannot read run {run} from S3 at {where} ({first_line(exc, 200)}); check that the endpoint is up "
+                "and reachable (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3) and the AWS credentials"
+            ) from exc
+        raise UserError(f"cannot read run {run} ({first_line(exc, 200)}); check the path and its permissions") from exc
+
+
 def read_manifest(run: str) -> Manifest:
-    """The run's manifest; UserError if ``run`` is not a run folder of this version."""
+    """The run's manifest; UserError if ``run`` is not a run folder of this version or cannot be read."""
     rundir = RunDir(run)
-    if not rundir.has_manifest():
-        raise UserError(
-            f"{run} has no manifest.json; pass a run folder written by densepure (a local path or s3://bucket/prefix)"
-        )
-    return rundir.read_manifest()
+    with _reading(run):
+        if not rundir.has_manifest():
+            raise UserError(
+                f"{run} has no manifest.json; pass a run folder written by densepure (a local path or s3://bucket/prefix)"
+            )
+        return rundir.read_manifest()
 
 
 def load_units(run: str) -> pd.DataFrame:
     """The unit log ``RUN/units/part-*.parquet``, one row per unit (empty frame if none yet)."""
-    return RunDir(run).read_units()
+    with _reading(run):
+        return RunDir(run).read_units()
 
 
 def read_table(run: str, manifest: Manifest) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -70,9 +109,10 @@ def read_table(run: str, manifest: Manifest) -> tuple[pd.DataFrame, pd.DataFrame
     from pipeline.aggregate import table_from_units
 
     rundir = RunDir(run)
-    if manifest.status == "complete" and rundir.has_table():
-        return rundir.read_table(), None
-    units = rundir.read_units()
+    with _reading(run):
+        if manifest.status == "complete" and rundir.has_table():
+            return rundir.read_table(), None
+        units = rundir.read_units()
     return table_from_units(units, manifest.config), units
 
 
@@ -128,6 +168,40 @@ def load_runs(runs: Sequence[str]) -> pd.DataFrame:
     return df
 
 
+def check_local_output(path: str, what: str = "output file") -> Path:
+    """``path`` as a local file path that can be written; UserError (one line) otherwise.
+
+    Refused: URIs (``s3://`` included: exports and plots are small local files, copy them
+    afterwards), a missing parent directory (it is not created: a typo would otherwise leave
+    folders around) and an existing directory.
+    """
+    if storage.is_s3(path) or "://" in path:
+        raise UserError(f"the {what} {path} is not a local path: write it to a local file, then copy it (e.g. aws s3 cp FILE {path})")
+    target = Path(path).expanduser()
+    parent = target.parent
+    if not parent.is_dir():
+        raise UserError(f"{parent} does not exist (the {what} {path} goes there): create it first, or pick another path")
+    if target.is_dir() and what != "export directory":
+        raise UserError(f"the {what} {path} is a directory: give a file name")
+    return target
+
+
+def _write_text(target: Path, text: str) -> None:
+    """Write atomically: a hidden temp file beside ``target``, then a rename, so an interrupted
+    export never leaves a truncated file that reads like a complete one."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _selection(sigma: float | None, method: str | None, votes: int | None, steps: int | None) -> dict:
+    return {"sigma": sigma, "method": method, "votes": votes, "steps": steps}
+
+
 def export_tsv(
     run: str,
     path: str,
@@ -136,11 +210,54 @@ def export_tsv(
     method: str | None = None,
     votes: int | None = None,
     steps: int | None = None,
+    cohen_rounding: bool = False,
 ) -> int:
-    """Write one group of ``run`` as a Cohen-format TSV to the local ``path``; returns the image count."""
+    """Write ``run``'s certificates as TSV to the local ``path``; returns the number of rows.
+
+    With no selection key: every group in one file (``pipeline.formats.to_grouped_tsv``: the
+    group columns sigma/method/votes/steps, then Cohen's columns). With any of ``sigma``,
+    ``method``, ``votes``, ``steps``: the one group they pick, in Cohen's ``certify.py`` format
+    (``to_cohen_tsv``; UserError listing the groups when they pick none or several). Radii are
+    written at full precision unless ``cohen_rounding`` (``{:.3}``, byte-compatible with
+    ``certify.py``). The file is written whole or not at all.
+    """
+    target = check_local_output(path, "TSV file")
     df = load_run(run)
-    rows = select_group(df, sigma=sigma, method=method, votes=votes, steps=steps)
-    text = to_cohen_tsv(rows)
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
+    keys = _selection(sigma, method, votes, steps)
+    if any(v is not None for v in keys.values()):
+        rows = select_group(df, **keys)
+        text = to_cohen_tsv(rows, cohen_rounding=cohen_rounding)
+    else:
+        rows = df
+        text = to_grouped_tsv(df, cohen_rounding=cohen_rounding)
+    _write_text(target, text)
     return len(rows)
+
+
+def export_per_group(
+    run: str,
+    directory: str,
+    *,
+    sigma: float | None = None,
+    method: str | None = None,
+    votes: int | None = None,
+    steps: int | None = None,
+    cohen_rounding: bool = False,
+) -> list[tuple[str, int]]:
+    """One Cohen-format TSV per group of ``run`` in the local ``directory``, named by the group's
+    keys (``pipeline.formats.group_file_name``, e.g. ``densepure_sigma0.5_K4_b10.tsv``); the keys
+    given narrow the groups. ``directory`` is created if missing (its parent must exist).
+    Returns [(path, rows), ...]; every file is written whole or not at all.
+    """
+    check_local_output(directory, "export directory")
+    folder = Path(directory).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"the export directory {directory} is a file: give a directory")
+    df = filter_groups(load_run(run), **_selection(sigma, method, votes, steps))
+    folder.mkdir(exist_ok=True)
+    written = []
+    for key, rows in groups(df):
+        target = folder / group_file_name(key)
+        _write_text(target, to_cohen_tsv(rows, cohen_rounding=cohen_rounding))
+        written.append((str(target), len(rows)))
+    return written

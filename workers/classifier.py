@@ -16,6 +16,9 @@ class Classifier(nn.Module):
     repeat, bicubic resize (to ``size`` = (H, W), or shortest edge ``size`` = int), center crop
     to ``crop``, then ``(x - mean) / std``. Each step is skipped when its setting is None.
 
+    ``labels`` (optional) names the classes, index by index (a Hugging Face model's ``id2label``);
+    it only serves displays such as ``densepure purify --classifier``.
+
     The resize uses ``antialias=True``: with it torch's bicubic is PIL's bicubic (cubic
     coefficient -0.5, filter widened when downsizing), which is how Hugging Face image processors
     and timm prepared the classifiers' training data. This matters when *upsizing* too
@@ -35,6 +38,7 @@ class Classifier(nn.Module):
         in_channels: int | None = None,
         hf_output: bool = False,
         antialias: bool = True,
+        labels: tuple[str, ...] | None = None,
     ):
         super().__init__()
         self.net = net
@@ -44,6 +48,7 @@ class Classifier(nn.Module):
         self.in_channels = in_channels
         self.hf_output = hf_output
         self.antialias = antialias
+        self.labels = tuple(labels) if labels is not None else None
         # Buffers follow .to(device/dtype) with the module; non-persistent: not part of any weights.
         self.register_buffer("mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", None if std is None else torch.tensor(std).view(1, -1, 1, 1), persistent=False)
@@ -73,6 +78,12 @@ class Classifier(nn.Module):
         if self.mean is not None:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         return x
+
+    def label_name(self, index: int) -> str:
+        """``"3"``, or ``"3 (cat)"`` when the classes have names."""
+        if self.labels is not None and 0 <= index < len(self.labels) and self.labels[index]:
+            return f"{index} ({self.labels[index]})"
+        return str(index)
 
     def forward(self, x01: Tensor) -> Tensor:
         x = self.preprocess(x01)

@@ -4,21 +4,32 @@ Both are described by a *source* string, so that a run's configuration names the
 
 denoisers
     ``openai:PATH`` (OpenAI improved/guided-diffusion checkpoint, .pt/.pth/.safetensors, with the
-    flags it was trained with), ``diffusers:DIR`` (a ``UNet2DModel`` with its DDPM scheduler config,
-    or a pipeline directory with ``unet/`` and ``scheduler/``), ``digits`` (the bundled demo).
+    flags it was trained with), ``diffusers:DIR`` or ``diffusers:ORG/NAME[@REVISION]`` (a
+    ``UNet2DModel`` with its DDPM scheduler config, or a pipeline directory with ``unet/`` and
+    ``scheduler/``), ``digits`` (the bundled demo).
 classifiers
-    ``hf:DIR`` (a transformers image-classification model with its image processor config),
-    ``torchscript:FILE`` (a scripted module taking [0,1] images), ``digits`` (the bundled demo).
+    ``hf:DIR`` or ``hf:ORG/NAME[@REVISION]`` (a transformers image-classification model with its
+    image processor config), ``torchscript:FILE`` (a scripted module taking [0,1] images),
+    ``digits`` (the bundled demo).
 
 PATH/DIR may be ``s3://`` (or ``file://``) URIs; ``workers.storage.fetch`` copies them locally first.
-Every loader returns a module in eval mode with gradients off, on the requested device. Every
-problem the user can fix raises ``workers.errors.UserError`` with a one-line message. The networks
-themselves are in ``workers/denoiser.py`` and ``workers/classifier.py``.
+``ORG/NAME[@REVISION]`` is a Hugging Face Hub id, resolved by ``huggingface_hub.snapshot_download``
+into its standard cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``; read when the model is loaded,
+so a process may change them); with ``HF_HUB_OFFLINE=1`` only the cache is used. A local
+directory of that name wins over the Hub. Every loader returns a module in eval mode with
+gradients off, on the requested device, without printing the libraries' progress bars or advice.
+Every problem the user can fix raises ``workers.errors.UserError`` with a one-line message. The
+networks themselves are in ``workers/denoiser.py`` and ``workers/classifier.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,8 +47,8 @@ from workers.schedule import NoiseSchedule, openai_schedule
 Device = str | torch.device
 _M = TypeVar("_M", bound=nn.Module)
 
-DENOISER_SCHEMES = "use openai:PATH, diffusers:DIR or digits"
-CLASSIFIER_SCHEMES = "use hf:DIR, torchscript:FILE or digits"
+DENOISER_SCHEMES = "use openai:PATH, diffusers:DIR, diffusers:ORG/NAME or digits"
+CLASSIFIER_SCHEMES = "use hf:DIR, hf:ORG/NAME, torchscript:FILE or digits"
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +98,169 @@ def _require_dir(path: str, what: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
+# Hugging Face Hub ids
+
+# ORG/NAME as the Hub spells repository ids (letters, digits, '-', '_', '.'), then an optional
+# @REVISION (branch, tag or commit; branches may hold '/'). A namespace is required so that a
+# bare word is never mistaken for a Hub id.
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+# Weights of other frameworks that a repository may carry beside the PyTorch ones.
+_HUB_IGNORE = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.mlmodel", "flax_model*", "tf_model*", "rust_model*"]
+_TRUE = {"1", "on", "yes", "true"}
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A Hugging Face Hub model id ``ORG/NAME`` and the revision asked for (None: main)."""
+
+    repo_id: str
+    revision: str | None = None
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def parse_hub_id(text: str) -> HubRef | None:
+    """``ORG/NAME[@REVISION]`` as a HubRef; None when ``text`` is not shaped like a Hub id."""
+    m = _HUB_ID.match(text.strip())
+    if m is None or "--" in m["repo"] or ".." in m["repo"] or len(m["repo"]) > 96:
+        return None  # the Hub's own rules (huggingface_hub.utils.validate_repo_id)
+    return HubRef(m["repo"], m["rev"])
+
+
+def hub_cache_dir() -> str:
+    """The Hub cache this process uses now: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub`` (default ``~/.cache/huggingface/hub``), as huggingface_hub
+    resolves it, but read at call time (huggingface_hub reads it once, at import)."""
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return os.path.expanduser(os.environ[name])
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads (read at call time)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+
+
+def _hub_missing(scheme: str, ref: HubRef, cache: str, why: str) -> UserError:
+    return UserError(
+        f"{scheme}:{ref} is neither a local directory nor in the Hugging Face cache {cache} ({why}): "
+        f"run `hf download {ref.repo_id}"
+        + (f" --revision {ref.revision}" if ref.revision else "")
+        + "` (older huggingface_hub: `huggingface-cli download`) on a machine with network "
+        "and copy its cache here, or point HF_HOME at a populated cache"
+    )
+
+
+def resolve_hub(scheme: str, ref: HubRef) -> tuple[Path, str]:
+    """(local snapshot directory, commit sha) of a Hub model, downloading it unless offline.
+
+    The snapshot lives in the standard cache (``hub_cache_dir()``); its directory name is the
+    commit the revision resolved to, which is what a manifest records. Offline
+    (``HF_HUB_OFFLINE=1``) only the cache is read: a branch or tag resolves through the cache's
+    ``refs/``, a commit sha directly.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    cache, offline = hub_cache_dir(), hub_offline()
+    try:
+        with quiet_loading():
+            path = snapshot_download(
+                ref.repo_id, revision=ref.revision, cache_dir=cache, local_files_only=offline,
+                ignore_patterns=_HUB_IGNORE,
+            )
+    except GatedRepoError as exc:
+        raise UserError(f"{scheme}:{ref} is gated on the Hugging Face Hub: accept its terms and log in (hf auth login)") from exc
+    except RepositoryNotFoundError as exc:
+        raise UserError(f"{scheme}:{ref}: no such model on the Hugging Face Hub (or it is private): check the id") from exc
+    except RevisionNotFoundError as exc:
+        raise UserError(f"{scheme}:{ref}: the Hub model has no revision {ref.revision!r}: check the branch, tag or commit") from exc
+    except LocalEntryNotFoundError as exc:
+        why = "HF_HUB_OFFLINE=1" if offline else "and the Hub is unreachable"
+        raise _hub_missing(scheme, ref, cache, why) from exc
+    except (HfHubHTTPError, OSError) as exc:  # network failures without a cached copy
+        raise UserError(f"cannot fetch {scheme}:{ref} from the Hugging Face Hub: {first_line(exc)}") from exc
+    snapshot = Path(path)
+    return snapshot, snapshot.name
+
+
+def _model_dir(scheme: str, rest: str) -> tuple[str, str | None]:
+    """(local path, Hub commit or None) for the argument of an ``hf:``/``diffusers:`` source.
+
+    URIs are fetched (``workers.storage.fetch``); an existing local path wins; otherwise an
+    ``ORG/NAME[@REVISION]`` is resolved on the Hub. Anything else is returned as is, for the
+    loader's own "not found" message.
+    """
+    if "://" in rest:
+        return _local(rest), None
+    if Path(rest).exists():
+        return rest, None
+    ref = parse_hub_id(rest)
+    if ref is None:
+        return rest, None
+    snapshot, commit = resolve_hub(scheme, ref)
+    return str(snapshot), commit
+
+
+def pin_source(source: str | None) -> str | None:
+    """The source with a Hub id's revision replaced by the commit it resolves to now.
+
+    ``hf:ORG/NAME`` -> ``hf:ORG/NAME@<commit sha>``, so that every worker of a run loads the
+    files the manifest describes even if the branch moves during the run. Every other source
+    (local paths, URIs, ``openai:``, ``torchscript:``, ``digits``, None) is returned unchanged.
+    """
+    if source is None:
+        return None
+    scheme, rest = _split(source)
+    if scheme not in ("hf", "diffusers") or not rest or "://" in rest or Path(rest).exists():
+        return source
+    ref = parse_hub_id(rest)
+    if ref is None:
+        return source
+    _, commit = resolve_hub(scheme, ref)
+    return f"{scheme}:{ref.repo_id}@{commit}"
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """For the duration: transformers, diffusers and huggingface_hub log errors only and show no
+    progress bars (weight-loading bars, "install accelerate" advice); their previous settings are
+    restored afterwards, so a user's own verbosity choices survive a load."""
+    restore: list[Any] = []
+    try:
+        for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+            try:
+                lib = __import__(name, fromlist=["get_verbosity"])
+            except ImportError:
+                continue
+            level, bars = lib.get_verbosity(), lib.is_progress_bar_enabled()
+            lib.set_verbosity(lib.ERROR)
+            lib.disable_progress_bar()
+            restore.append(lambda lib=lib, level=level, bars=bars: (
+                lib.set_verbosity(level), lib.enable_progress_bar() if bars else None))
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            restore.append(enable_progress_bars)
+        yield
+    finally:
+        for undo in reversed(restore):
+            undo()
+
+
+# --------------------------------------------------------------------------------------------
 # denoiser
 
 
@@ -108,8 +282,8 @@ def load_denoiser(source: str, model_flags: str | dict | None = None, device: De
         return _finish(_load_openai(_local(rest), model_flags), device)
     if scheme == "diffusers":
         if not rest:
-            raise UserError("diffusers: needs a directory: use diffusers:DIR")
-        return _finish(_load_diffusers(_local(rest)), device)
+            raise UserError("diffusers: needs a directory or a Hub id: use diffusers:DIR or diffusers:ORG/NAME")
+        return _finish(_load_diffusers(_model_dir("diffusers", rest)[0]), device)
     if scheme == "digits" and not rest:
         from workers.digits import ASSET_DIR, DENOISER_FILE, DENOISER_FLAGS_FILE
 
@@ -123,6 +297,12 @@ def _wrap(exc: BaseException, path: Path | str, what: str) -> UserError:
     """A one-line UserError for ``exc`` that names ``path`` (unet.py's messages usually do already)."""
     msg = first_line(exc)
     return UserError(msg if str(path) in msg else f"{what} {path}: {msg}")
+
+
+def read_model_flags(model_flags: str | dict) -> dict:
+    """The OpenAI flags of ``model_flags`` (a dict, or a JSON file, local or URI) as a dict;
+    UserError naming the file when it is missing or not a flags file."""
+    return _openai_flags(model_flags)
 
 
 def _openai_flags(model_flags: str | dict) -> dict:
@@ -206,17 +386,29 @@ def _load_diffusers(path: str) -> Denoiser:
             "save the DDPM scheduler it was trained with beside the UNet"
         )
     try:
-        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_path.parent)))
-        unet = UNet2DModel.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
+        with quiet_loading():
+            scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(sched_path.parent)))
+            unet = UNet2DModel.from_pretrained(str(root), subfolder=subfolder, local_files_only=True)
     except Exception as exc:  # corrupt weights or config: the user must fix the directory
         if is_untrusted_pickle(exc):
             raise UserError(untrusted_pickle_message(f"the weights of diffusers model {root}")) from None
         raise UserError(f"cannot load diffusers model {root}: {first_line(exc)}") from exc
+    return denoiser_from_diffusers(unet, scheduler, unet_where=str(unet_dir), scheduler_where=str(sched_path))
 
+
+def denoiser_from_diffusers(unet: nn.Module, scheduler: Any, *, unet_where: str = "the UNet",
+                            scheduler_where: str = "the scheduler") -> Denoiser:
+    """A ``Denoiser`` around an in-memory diffusers ``UNet2DModel`` and the ``DDPMScheduler`` it
+    was trained with (the same checks and settings as ``diffusers:DIR``).
+
+    UserError (naming ``unet_where``/``scheduler_where``) for what the sampler cannot run:
+    class-conditional UNets, predictions other than epsilon, unknown variance types, or an
+    output width that does not match the scheduler's variance type.
+    """
     cfg = scheduler.config
     if cfg.prediction_type != "epsilon":
         raise UserError(
-            f"{sched_path} has prediction_type={cfg.prediction_type!r}: only 'epsilon' models are supported"
+            f"{scheduler_where} has prediction_type={cfg.prediction_type!r}: only 'epsilon' models are supported"
         )
     variance = cfg.variance_type
     if variance == "learned_range":
@@ -227,15 +419,15 @@ def _load_diffusers(path: str) -> Denoiser:
         learn_sigma, sigma_small = False, False
     else:
         raise UserError(
-            f"{sched_path} has variance_type={variance!r}: use learned_range, fixed_small or fixed_large"
+            f"{scheduler_where} has variance_type={variance!r}: use learned_range, fixed_small or fixed_large"
         )
     ucfg = unet.config
     if ucfg.num_class_embeds is not None or ucfg.class_embed_type is not None:
-        raise UserError(f"{unet_dir} is class-conditional: only unconditional UNets are supported")
+        raise UserError(f"{unet_where} is class-conditional: only unconditional UNets are supported")
     want_out = ucfg.in_channels * (2 if learn_sigma else 1)
     if ucfg.out_channels != want_out:
         raise UserError(
-            f"{unet_dir} has out_channels={ucfg.out_channels} but variance_type={variance!r} "
+            f"{unet_where} has out_channels={ucfg.out_channels} but variance_type={variance!r} "
             f"needs {want_out}: the scheduler config does not belong to this UNet"
         )
     name, betas = _exact_betas(cfg, scheduler.betas.double().numpy())
@@ -251,29 +443,50 @@ def _load_diffusers(path: str) -> Denoiser:
     )
 
 
+def denoiser_from_openai(net: nn.Module, model_flags: str | dict) -> Denoiser:
+    """A ``Denoiser`` around an in-memory OpenAI ``workers.unet.UNetModel`` and the flags it was
+    trained with (a dict or a JSON file, as ``--model-flags``): the sampling chain and variance
+    settings come from the flags exactly as for ``openai:PATH``. UserError for bad flags or a
+    class-conditional network."""
+    from workers.unet_flags import diffusion_settings
+
+    flags = _openai_flags(model_flags)
+    try:
+        settings = diffusion_settings(flags)
+        schedule = openai_schedule(settings.noise_schedule, settings.diffusion_steps, settings.timestep_respacing)
+    except ValueError as exc:
+        raise UserError(f"bad model flags: {first_line(exc)}") from exc
+    if getattr(net, "num_classes", None) is not None:
+        raise UserError("the UNet is class-conditional (class_cond): only unconditional models are supported")
+    return Denoiser.from_openai(net, settings, schedule)
+
+
 # --------------------------------------------------------------------------------------------
 # classifier
 
 
 def load_classifier(
-    source: str, device: Device = "cpu", input_shape: tuple[int, int, int] | None = None
+    source: str,
+    device: Device = "cpu",
+    input_shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
 ) -> Classifier:
-    """Load a classifier from ``hf:DIR``, ``torchscript:FILE`` or ``digits``.
+    """Load a classifier from ``hf:DIR``, ``hf:ORG/NAME[@REVISION]``, ``torchscript:FILE`` or ``digits``.
 
-    ``input_shape`` (C, H, W) is only used for TorchScript modules without an integer
-    ``num_classes`` attribute: the number of classes is then read off one probe forward pass
-    on zeros of that shape. TorchScript modules take [0,1] images directly, so the scripted
-    module must include its own resize and normalisation.
+    TorchScript modules take [0,1] images directly, so the scripted module must include its own
+    resize and normalisation. Their number of classes is their integer ``num_classes``
+    attribute, else ``num_classes`` when given, else the width of one probe forward pass on
+    zeros of ``input_shape`` (C, H, W).
     """
     scheme, rest = _split(source)
     if scheme == "hf":
         if not rest:
-            raise UserError("hf: needs a directory: use hf:DIR")
-        return _finish(_load_hf(_local(rest)), device)
+            raise UserError("hf: needs a directory or a Hub id: use hf:DIR or hf:ORG/NAME")
+        return _finish(_load_hf(_model_dir("hf", rest)[0]), device)
     if scheme == "torchscript":
         if not rest:
             raise UserError("torchscript: needs a file: use torchscript:FILE")
-        return _finish(_load_torchscript(_local(rest), input_shape), device)
+        return _finish(_load_torchscript(_local(rest), input_shape, num_classes), device)
     if scheme == "digits" and not rest:
         return _finish(_load_digits_classifier(), device)
     raise UserError(f"unknown classifier source {source!r}: {CLASSIFIER_SCHEMES}")
@@ -326,8 +539,9 @@ def _load_hf(path: str) -> Classifier:
             "(processor.save_pretrained(DIR)) so that its input size, mean and std are known"
         )
     try:
-        model = AutoModelForImageClassification.from_pretrained(str(root), local_files_only=True)
-        proc = AutoImageProcessor.from_pretrained(str(root), local_files_only=True)
+        with quiet_loading():
+            model = AutoModelForImageClassification.from_pretrained(str(root), local_files_only=True)
+            proc = AutoImageProcessor.from_pretrained(str(root), local_files_only=True)
     except Exception as exc:  # corrupt weights, unknown architecture, bad JSON
         if is_untrusted_pickle(exc):
             raise UserError(untrusted_pickle_message(f"the weights of Hugging Face classifier {root}")) from None
@@ -346,22 +560,34 @@ def _load_hf(path: str) -> Classifier:
         std=std,
         in_channels=getattr(model.config, "num_channels", None),
         hf_output=True,
+        labels=_hf_labels(model.config),
     )
 
 
-def _load_torchscript(path: str, input_shape: tuple[int, int, int] | None) -> Classifier:
-    """A scripted module taking [0,1] images; num_classes from its attribute or a probe pass."""
+def _hf_labels(config: Any) -> tuple[str, ...] | None:
+    """Class names from ``id2label``, unless they are transformers' placeholders (LABEL_0, ...)."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(int(config.num_labels))]
+    if not any(names) or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return tuple(names)
+
+
+def _load_torchscript(path: str, input_shape: tuple[int, int, int] | None, num_classes: int | None = None) -> Classifier:
+    """A scripted module taking [0,1] images; num_classes from its attribute, the caller or a probe pass."""
     file = _require_file(path, "TorchScript file")
     try:
         net = torch.jit.load(str(file), map_location="cpu")
     except Exception as exc:  # not a TorchScript archive
         raise UserError(f"cannot load TorchScript file {file}: {first_line(exc)}") from exc
-    num_classes = getattr(net, "num_classes", None)
-    if not isinstance(num_classes, int):
+    attribute = getattr(net, "num_classes", None)
+    if isinstance(attribute, int):
+        num_classes = attribute
+    elif num_classes is None:
         if input_shape is None:
             raise UserError(
                 f"{file}: cannot tell the number of classes: give the scripted module an int "
-                "attribute num_classes, or pass the data's image shape (input_shape)"
+                "attribute num_classes, or pass the data's image shape (input_shape) or num_classes"
             )
         net.eval()
         with torch.no_grad():
@@ -397,8 +623,10 @@ def _hash_tree(path: Path) -> dict[str, str]:
 def describe_source(source: str, model_flags: str | dict | None = None) -> dict:
     """Provenance of a model source for the run manifest: {"source", "files": {relpath: sha256}}.
 
-    ``model_flags`` (openai only) adds the flags file's hash, or the flags themselves when given
-    as a dict. S3 sources are hashed from their local copy (``workers.storage.fetch``).
+    Hub ids (``hf:ORG/NAME[@REVISION]``, ``diffusers:...``) add ``"revision"``: the commit sha the
+    id resolved to, whose snapshot the files are hashed from. ``model_flags`` (openai only) adds
+    the flags file's hash, or the flags themselves when given as a dict. S3 sources are hashed
+    from their local copy (``workers.storage.fetch``).
     """
     scheme, rest = _split(source)
     out: dict[str, Any] = {"source": source}
@@ -409,7 +637,13 @@ def describe_source(source: str, model_flags: str | dict | None = None) -> dict:
         return out
     if scheme not in ("openai", "diffusers", "hf", "torchscript") or not rest:
         raise UserError(f"unknown model source {source!r}: {DENOISER_SCHEMES}; {CLASSIFIER_SCHEMES}")
-    out["files"] = _hash_tree(Path(_local(rest)))
+    if scheme in ("hf", "diffusers"):
+        path, commit = _model_dir(scheme, rest)
+        if commit is not None:
+            out["revision"] = commit
+    else:
+        path = _local(rest)
+    out["files"] = _hash_tree(Path(path))
     if scheme == "openai" and model_flags is not None:
         if isinstance(model_flags, dict):
             out["model_flags"] = dict(model_flags)
@@ -421,7 +655,17 @@ def describe_source(source: str, model_flags: str | dict | None = None) -> dict:
 __all__ = [
     "Classifier",
     "Denoiser",
+    "HubRef",
+    "denoiser_from_diffusers",
+    "denoiser_from_openai",
     "describe_source",
+    "hub_cache_dir",
+    "hub_offline",
     "load_classifier",
     "load_denoiser",
+    "parse_hub_id",
+    "pin_source",
+    "quiet_loading",
+    "read_model_flags",
+    "resolve_hub",
 ]

@@ -9,15 +9,25 @@ import click
 from pipeline.cli.errors import Command, UnexpectedErrorExit, handle_user_errors
 from workers.errors import UserError, first_line
 from pipeline.cli.options import certify_options, load_preset
+from pipeline.estimate import DEFAULT_TFLOPS
 
 __all__ = ["certify", "certify_main"]
 
 
-def _run_certify(ray_address: str | None, show_report: bool, **options: Any) -> None:
+def _run_certify(ray_address: str | None, show_report: bool, dry_run: bool = False,
+                 assume_tflops: float = DEFAULT_TFLOPS, **options: Any) -> None:
     from pipeline.config import RunConfig
-    from pipeline.run import certify_run
 
     config = RunConfig.from_dict(options)
+    if dry_run:
+        from pipeline.estimate import dry_run as estimate_run, format_estimate
+
+        click.echo(format_estimate(estimate_run(config, assume_tflops)))
+        click.echo("dry run: nothing was run or written; GPU-hours assume --assume-tflops "
+                   f"{assume_tflops:g} (calibrate it from `densepure status` of a short run)", err=True)
+        return
+    from pipeline.run import certify_run
+
     summary = certify_run(config, log=lambda m: click.echo(m, err=True), ray_address=ray_address)
     if show_report and len(summary.table):
         from pipeline.formats import format_table
@@ -37,6 +47,10 @@ def _run_certify(ray_address: str | None, show_report: bool, **options: Any) -> 
 @certify_options
 @click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray).")
 @click.option("--report/--no-report", "show_report", default=True, show_default=True, help="Print the certified-accuracy table at the end.")
+@click.option("--dry-run", is_flag=True, help="Validate the options, load the data and the models on this CPU, print the run's "
+              "units, draws, network evaluations, FLOPs and GPU-hours, and exit: nothing is run or written.")
+@click.option("--assume-tflops", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TFLOPS, show_default=True,
+              help="Sustained TFLOP/s per GPU behind --dry-run's GPU-hours (default: 20% of an H100 SXM's 989 dense bf16 TFLOP/s, the utilisation Carlini et al.'s A100 timing implies).")
 @handle_user_errors
 def certify(**options: Any) -> None:
     """Certify a dataset with Cohen smoothing, DDS and DensePure on a Ray cluster (or locally)."""

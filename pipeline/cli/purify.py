@@ -19,9 +19,10 @@ __all__ = ["purify"]
 @click.option("--steps", default=1, show_default=True, type=int, help="Reverse steps b; 1 is the one-shot denoiser (DDS).")
 @click.option("--samples", default=4, show_default=True, type=int, help="Purified samples M, each with its own noise.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--input", "input_path", required=True, help="(C,H,W) float array in [0,1], .npy.")
+@click.option("--input", "input_path", required=True, help="The image: a .npy (C,H,W) float array in [0,1], or a PNG/JPEG file (grey stays 1 channel).")
 @click.option("--output", "output_path", required=True, help="Where to write the (M,C,H,W) purified samples, .npy.")
-@click.option("--grid", "grid_path", default=None, help="Also write a PNG: the input, one noisy copy, the samples.")
+@click.option("--grid", "grid_path", default=None, help="Also write a picture of the input, one noisy copy and the samples: .png or .jpg (format from the suffix).")
+@click.option("--classifier", default=None, help="Label each image of the grid (and the summary) with this classifier: hf:DIR | hf:ORG/NAME | torchscript:FILE | digits.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES))
 @handle_user_errors
 def purify(**options: Any) -> None:

@@ -14,10 +14,10 @@ import warnings
 
 import click
 
-from pipeline.analysis import PartialRunWarning, export_tsv, load_runs
+from pipeline.analysis import PartialRunWarning, check_local_output, export_per_group, export_tsv, load_runs
 from pipeline.cli.errors import handle_user_errors
 from pipeline.formats import format_table
-from pipeline.metrics import DEFAULT_BY, certified_accuracy, check_confidence, check_radii
+from pipeline.metrics import DEFAULT_BY, average_certified_radius, certified_accuracy, check_confidence, check_radii
 from pipeline.plots import plot_certified_accuracy
 from pipeline.status import format_status, run_status
 from workers.errors import UserError
@@ -130,8 +130,9 @@ def _notes_from_warnings(caught: list[warnings.WarningMessage]) -> None:
     default=None,
     help="Print Clopper-Pearson lower bounds on certified accuracy at this confidence (e.g. 0.999) instead of point estimates.",
 )
+@click.option("--acr", is_flag=True, help="Add the average certified radius (radius if certified correct, else 0; mean over images).")
 @handle_user_errors
-def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, confidence: float | None) -> None:
+def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, confidence: float | None, acr: bool) -> None:
     """Certified-accuracy table (rows method/sigma/K/steps, columns radii) of one or more runs.
 
     Unfinished runs are reported on their finished images, with a note. With
@@ -139,6 +140,8 @@ def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, c
     """
     radii_values = parse_radii(radii)
     check_confidence(confidence)
+    if plot_path:
+        check_local_output(plot_path, "plot")  # before any run is read: a bad path costs nothing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PartialRunWarning)
         df = load_runs(list(runs))
@@ -148,7 +151,8 @@ def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, c
     # Several runs are separate experiments (e.g. two datasets): never pool them.
     by = (("run",) if len(runs) > 1 else ()) + DEFAULT_BY
     acc = certified_accuracy(df, radii_values, by=by, confidence=confidence)
-    click.echo(format_table(acc, fmt), nl=False)
+    extra = {"ACR": average_certified_radius(df, by=by)} if acr else None
+    click.echo(format_table(acc, fmt, extra=extra), nl=False)
     if confidence is not None:
         click.echo(
             f"note: values are {confidence:g}-confidence Clopper-Pearson lower bounds on certified accuracy "
@@ -175,18 +179,33 @@ def status(run: str, as_json: bool) -> None:
 
 @click.command("export")
 @click.argument("run")
-@click.option("--tsv", "out", required=True, type=click.Path(dir_okay=False), help="Output file in Cohen et al.'s certify.py format.")
-@click.option("--sigma", type=float, default=None, help="Noise level of the group to export.")
+@click.option("--tsv", "out", default=None, type=click.Path(dir_okay=False),
+              help="Write one TSV: every group with its sigma/method/votes/steps columns, or, with --sigma/--method/"
+                   "--votes/--steps, the one group they pick in Cohen et al.'s certify.py format.")
+@click.option("--per-group", "per_group", default=None, type=click.Path(file_okay=False),
+              help="Write one certify.py-format TSV per group into this directory, named by the group's keys.")
+@click.option("--sigma", type=float, default=None, help="Noise level of the group(s) to export.")
 @click.option("--method", type=str, default=None, help="cohen, dds or densepure.")
 @click.option("--votes", type=int, default=None, help="Number of votes K.")
 @click.option("--steps", type=int, default=None, help="Reverse steps b.")
+@click.option("--cohen-rounding", is_flag=True,
+              help="Round radii as certify.py does ({:.3}) for byte-identical files; default: full precision.")
 @handle_user_errors
 def export(
-    run: str, out: str, sigma: float | None, method: str | None, votes: int | None, steps: int | None
+    run: str, out: str | None, per_group: str | None, sigma: float | None, method: str | None, votes: int | None,
+    steps: int | None, cohen_rounding: bool,
 ) -> None:
-    """Write one smoothed classifier of RUN as Cohen's TSV (idx, label, predict, radius, correct, time)."""
+    """Write RUN's certificates as TSV (idx, label, predict, radius, correct, time), as Cohen et al.'s certify.py does."""
+    if (out is None) == (per_group is None):
+        raise click.UsageError("give exactly one of --tsv FILE and --per-group DIR")
+    keys = {"sigma": sigma, "method": method, "votes": votes, "steps": steps}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PartialRunWarning)
-        count = export_tsv(run, out, sigma=sigma, method=method, votes=votes, steps=steps)
+        if out is not None:
+            count = export_tsv(run, out, cohen_rounding=cohen_rounding, **keys)
+            written = [(out, count)]
+        else:
+            written = export_per_group(run, per_group, cohen_rounding=cohen_rounding, **keys)
     _notes_from_warnings(caught)
-    click.echo(f"wrote {count} images to {out}", err=True)
+    for path, count in written:
+        click.echo(f"wrote {count} rows to {path}", err=True)

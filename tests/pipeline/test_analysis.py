@@ -211,11 +211,13 @@ def test_to_cohen_tsv_format() -> None:
         _row(3, 0.5, "cohen", 1, 0, 0.0, "abstain", seconds=61.0),
         _row(5, 0.5, "cohen", 1, 0, 0.123456, "wrong", seconds=0.0),
     ])
-    lines = to_cohen_tsv(df).splitlines()
+    lines = to_cohen_tsv(df, cohen_rounding=True).splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
     assert lines[1] == "3\t3\t-1\t0.0\t0\t0:01:01"
     assert lines[2] == "5\t5\t6\t0.123\t0\t0:00:00"
     assert lines[3] == "7\t7\t7\t1.23\t1\t0:00:01.234567"
+    # By default the radius keeps full precision.
+    assert to_cohen_tsv(df).splitlines()[3] == "7\t7\t7\t1.23456\t1\t0:00:01.234567"
     # Reads back like Cohen's analyze.py does.
     back = pd.read_csv(io.StringIO(to_cohen_tsv(df)), delimiter="\t")
     assert list(back["idx"]) == [3, 5, 7] and list(back["correct"]) == [0, 0, 1]
@@ -447,11 +449,11 @@ def test_cli_status(tmp_path: Path) -> None:
 def test_cli_export(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", known_table())
     out = tmp_path / "sigma050.tsv"
-    ambiguous = _invoke(export, [run, "--tsv", str(out)])
-    assert ambiguous.exit_code == 2 and "error: 4 groups match" in ambiguous.stderr
+    ambiguous = _invoke(export, [run, "--tsv", str(out), "--method", "densepure"])
+    assert ambiguous.exit_code == 2 and "error: 2 groups match" in ambiguous.stderr
     assert not out.exists()
     ok = _invoke(export, [run, "--tsv", str(out), "--sigma", "0.5", "--method", "cohen", "--votes", "1"])
     assert ok.exit_code == 0, ok.output
     lines = out.read_text().splitlines()
     assert len(lines) == 5 and lines[1] == "0\t0\t0\t1.0\t1\t0:00:01.500000"
-    assert f"wrote 4 images to {out}" in ok.stderr
+    assert f"wrote 4 rows to {out}" in ok.stderr
