@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -19,9 +19,13 @@ __all__ = ["TABLE_COLUMNS", "Aggregator", "group_certificates", "table_from_unit
 
 TABLE_COLUMNS = [
     "image_id", "label", "sigma", "method", "votes", "steps", "n0", "n", "alpha", "sampling", "n_used",
-    "prediction", "count", "p_lower", "radius", "correct", "abstain", "radii_certified",
-    "t_star", "seconds", "unet_forwards", "classifier_calls", "votes_computed", "votes_skipped",
+    "prediction", "count", "p_lower", "alpha_bound", "radius", "correct", "abstain", "radii_certified",
+    "t_star", "seconds", "unet_forwards", "classifier_calls", "votes_computed", "votes_skipped", "engine",
 ]
+"""One row per (image, sigma, method, votes). ``n_used``: estimation draws the row's certificate
+rests on (n for fixed sampling); ``alpha_bound``: the level of its Clopper-Pearson bound (alpha,
+or alpha / L for sequential sampling's L looks); ``radii_certified``: the requested radii of a
+sequential run it certifies ("0.25,0.5"); cost columns are the group's totals."""
 
 
 class Aggregator:
@@ -33,8 +37,11 @@ class Aggregator:
     resume (draws are deterministic, so it comes back identical).
     """
 
-    def __init__(self, run: RunDir, done: set[str], flush_units: int = 64, flush_seconds: float = 5.0):
+    def __init__(self, run: RunDir, done: set[str], flush_units: int = 64, flush_seconds: float = 5.0,
+                 before_write: Callable[[], None] | None = None):
         self.run = run
+        # Raises when this driver may no longer write the folder (its lease was taken over).
+        self.before_write = before_write
         self.done = set(done)
         self.flush_units = flush_units
         self.flush_seconds = flush_seconds
@@ -53,8 +60,12 @@ class Aggregator:
 
     def flush(self) -> None:
         if self._buffer:
+            if self.before_write is not None:
+                self.before_write()
             self.run.append_units(self._buffer)
             self._buffer = []
+            # Keeps the unit log at O(hundreds) of parts however long the run (cheap when not due).
+            self.run.maybe_compact()
         self._last_flush = time.monotonic()
 
 
@@ -110,12 +121,14 @@ def table_from_units(units: pd.DataFrame, config: dict[str, Any] | RunConfig) ->
                 "image_id": group.image_id, "label": group.label, "sigma": group.sigma, "method": group.method,
                 "votes": int(k), "steps": group.steps, "n0": cfg.n0, "n": cfg.n, "alpha": cfg.alpha,
                 "sampling": cfg.sampling, "n_used": group.n_used,
-                "prediction": cert.prediction, "count": cert.count, "p_lower": cert.p_lower, "radius": cert.radius,
+                "prediction": cert.prediction, "count": cert.count, "p_lower": cert.p_lower,
+                "alpha_bound": cfg.alpha if group.plan is None else group.plan.alpha_per_look, "radius": cert.radius,
                 "correct": (not cert.abstain) and cert.prediction == group.label, "abstain": cert.abstain,
                 "radii_certified": ",".join(f"{r:g}" for r in certified), "t_star": float(used["t_star"].iloc[0]),
                 "seconds": float(used["seconds"].sum()), "unet_forwards": int(used["unet_forwards"].sum()),
                 "classifier_calls": int(used["classifier_calls"].sum()),
                 "votes_computed": int(used["votes_computed"].sum()), "votes_skipped": int(used["votes_skipped"].sum()),
+                "engine": "; ".join(sorted(set(used["engine"].astype(str)))),
             })
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     return _typed(table).sort_values(["method", "sigma", "votes", "image_id"], ignore_index=True)
@@ -126,10 +139,10 @@ def _typed(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _dtype(column: str) -> str:
-    if column in ("method", "sampling", "radii_certified"):
+    if column in ("method", "sampling", "radii_certified", "engine"):
         return "str"  # pandas' string dtype: the same as a Parquet round trip gives back
     if column in ("correct", "abstain"):
         return "bool"
-    if column in ("sigma", "alpha", "p_lower", "radius", "t_star", "seconds"):
+    if column in ("sigma", "alpha", "p_lower", "alpha_bound", "radius", "t_star", "seconds"):
         return "float64"
     return "int64"

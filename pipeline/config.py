@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.lock import DEFAULT_STALE_AFTER_S
 from pipeline.sequential import FIRST_LOOK, GROWTH
 from workers.contract import DEVICES, METHODS, PRECISIONS, needs_denoiser, vote_counts
 from workers.seeds import MAX_VOTES, sigma_key, sigma_label
@@ -46,9 +47,9 @@ class RunConfig:
     out: str = field(metadata={"help": "Run folder: local path or s3://bucket/prefix.", "flags": (), "choices": None,
                                "switch": None, "execution": True, "metavar": None})
     data: str = _option("digits", "digits | cifar10:PATH/test_batch | imagenet:DIR (synset folders) | parquet:FILE (local or s3://).")
-    denoiser: str | None = _option("digits", "openai:CKPT (with --model-flags) | diffusers:DIR | digits.")
+    denoiser: str | None = _option("digits", "openai:CKPT (with --model-flags) | diffusers:DIR or ORG/NAME[@REV] | digits.")
     model_flags: str | None = _option(None, "JSON flags of an openai: checkpoint (OpenAI script_util names).")
-    classifier: str = _option("digits", "hf:DIR | torchscript:FILE | digits.")
+    classifier: str = _option("digits", "hf:DIR or ORG/NAME[@REV] | torchscript:FILE | digits.")
     methods: list[str] = _option(list(METHODS), "Comma list of cohen, dds, densepure.")
     sigmas: list[float] = _option([0.25, 0.5], "Comma list of smoothing noise levels.")
     votes: list[int] = _option([1, 4], "DensePure vote counts K to report; max(K) votes are run and prefixes give the others.")
@@ -79,7 +80,12 @@ class RunConfig:
                                    "(exact: the same counts).", switch="--no-early-majority", execution=True)
     gpu_wait: float = _option(300.0, "Seconds to wait for a GPU worker before failing (30 at most without "
                               "--max-workers, when only an autoscaler could bring one).", execution=True)
-    overwrite: bool = _option(False, "Replace a run with a different config at --out.", execution=True)
+    lease_timeout: float = _option(DEFAULT_STALE_AFTER_S, "Seconds without a heartbeat after which the driver holding "
+                                   "--out counts as gone, so another may take the run over.", execution=True)
+    force_unlock: bool = _option(False, "Take over --out even from a driver whose lease is still fresh (only once "
+                                 "it is really gone).", execution=True)
+    overwrite: bool = _option(False, "Replace a run with a different config at --out (deletes only densepure's "
+                              "own files there).", execution=True)
     progress: bool = _option(True, "Progress bar on the driver.", switch="--no-progress", execution=True)
 
     def __post_init__(self) -> None:
@@ -142,6 +148,8 @@ class RunConfig:
             raise UserError(f"--max must be >= 1, got {self.max_images}: omit it to take every selected image")
         if self.max_retries < 1:
             raise UserError(f"--max-retries must be >= 1, got {self.max_retries}")
+        if not self.lease_timeout > 0:
+            raise UserError(f"--lease-timeout must be > 0 seconds, got {self.lease_timeout}")
         if not self.gpu_wait > 0:
             raise UserError(f"--gpu-wait must be > 0 seconds, got {self.gpu_wait}")
         if self.needs_denoiser and not self.denoiser:

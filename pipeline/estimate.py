@@ -337,4 +337,5 @@ def format_estimate(est: CostEstimate) -> str:
     hours = est.gpu_hours
     hours_text = "unknown" if hours is None else f"{hours:,.3g}"
     out.append(f"  GPU-hours: {hours_text} at {est.assume_tflops:g} sustained TFLOP/s per GPU")
+    out.append("  (every vote of every draw of the budget: early majority and sequential sampling only lower these)")
     return "\n".join(out)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from pipeline.metrics import check_columns
+from pipeline.metrics import BEST, check_columns
 from workers.errors import UserError
 
 __all__ = ["COHEN_COLUMNS", "TSV_GROUP", "filter_groups", "format_table", "group_file_name", "groups", "select_group",
@@ -157,34 +157,24 @@ def _index_frame(acc: pd.DataFrame) -> pd.DataFrame:
     return acc.index.to_frame(index=False)
 
 
-def _table_rows(acc: pd.DataFrame, values: np.ndarray | None = None) -> tuple[list[str], list[tuple[list[Any], list[float], bool]]]:
-    """Label names and rows (labels, values, is_best) ordered group by group, with a best-over-sigma row.
-
-    The best row is added after the sigmas of each (all keys but sigma) group when
-    that group has more than one sigma; its sigma label is "best" and each of its values is
-    the largest of the group's sigmas. ``values`` (default: ``acc``'s) has one row per row of ``acc``.
-    """
+def _table_rows(acc: pd.DataFrame, values: np.ndarray, best: pd.DataFrame | None = None,
+                best_values: np.ndarray | None = None) -> tuple[list[str], list[tuple[list[Any], list[float], bool]]]:
+    """Label names and rows (labels, values, is_best) in the order of ``acc``'s groups, each row of
+    ``best`` (envelope rows, "best" in their envelope keys) right after the last row it covers."""
     names = [str(n) for n in acc.index.names]
     keys = _index_frame(acc)
-    values = acc.to_numpy(dtype=float) if values is None else values
-    rows: list[tuple[list[Any], list[float], bool]] = []
-    if "sigma" not in names:
-        for i in range(len(acc)):
-            rows.append((list(keys.iloc[i]), list(values[i]), False))
+    order = sorted(range(len(acc)), key=lambda i: tuple(
+        (str(v) if isinstance(v, str) else v) for n, v in zip(names, keys.iloc[i]) if n != "sigma"
+    ) + (float(keys.iloc[i]["sigma"]) if "sigma" in names else 0.0,))
+    rows: list[tuple[list[Any], list[float], bool]] = [(list(keys.iloc[i]), list(values[i]), False) for i in order]
+    if best is None or not len(best):
         return names, rows
-    rest = [n for n in names if n != "sigma"]
-    group_of = [tuple(keys.iloc[i][rest]) for i in range(len(acc))] if rest else [()] * len(acc)
-    order: dict[tuple[Any, ...], list[int]] = {}
-    for i, g in enumerate(group_of):
-        order.setdefault(g, []).append(i)
-    for g in sorted(order, key=lambda t: tuple(str(x) if isinstance(x, str) else x for x in t)):
-        members = sorted(order[g], key=lambda i: float(keys.iloc[i]["sigma"]))
-        for i in members:
-            rows.append((list(keys.iloc[i]), list(values[i]), False))
-        if len(members) > 1:
-            label = list(keys.iloc[members[0]])
-            label[names.index("sigma")] = "best"
-            rows.append((label, list(np.nanmax(values[members], axis=0)), True))
+    best_keys = _index_frame(best)
+    for j in range(len(best)):
+        label = list(best_keys.iloc[j])
+        fixed = [(k, v) for k, v in enumerate(label) if not (isinstance(v, str) and v == BEST)]
+        after = max((i for i, (lab, _, _) in enumerate(rows) if all(lab[k] == v for k, v in fixed)), default=len(rows) - 1)
+        rows.insert(after + 1, (label, list(best_values[j]), True))
     return names, rows
 
 
@@ -212,15 +202,16 @@ def format_table(
     fmt: Literal["markdown", "latex", "csv"] = "markdown",
     digits: int = 3,
     extra: Mapping[str, pd.Series] | None = None,
+    best: pd.DataFrame | None = None,
 ) -> str:
     """Render a :func:`certified_accuracy` frame as markdown, LaTeX (booktabs) or CSV.
 
-    Rows are the groups (method, sigma, K, steps, ...), columns the radii; after the
-    sigmas of each method/K/steps group comes a best-over-sigma row (sigma "best").
-    ``extra`` adds named columns after the radii, one value per group (a Series indexed like
-    ``acc_df``, e.g. ``{"ACR": average_certified_radius(df)}``); their best row is the largest
-    value too. Markdown and LaTeX show ``digits`` decimals; CSV keeps full precision and uses
-    the bare radius (and the lower-case extra name) as column header so it reads back as numbers.
+    Rows are the groups (method, sigma, K, steps, ...), columns the radii. ``best`` (from
+    ``pipeline.metrics.best_over``, same index names) adds its envelope rows, e.g. sigma "best",
+    after the rows they cover. ``extra`` adds named columns after the radii, one value per group
+    (a Series indexed like ``acc_df``, e.g. ``{"ACR": average_certified_radius(df)}``); the best
+    rows leave them empty. Markdown and LaTeX show ``digits`` decimals; CSV keeps full precision and
+    uses the bare radius (and the lower-case extra name) as column header so it reads back as numbers.
     """
     radii = [float(r) for r in acc_df.columns]
     extra_names = list(extra or {})
@@ -233,7 +224,12 @@ def format_table(
                 raise ValueError(f"extra column {name!r} is not indexed like the accuracy table")
             aligned.append(column.to_numpy(dtype=float))
         values = np.column_stack([values, *aligned])
-    names, rows = _table_rows(acc_df, values)
+    best_values = None
+    if best is not None and len(best):
+        if list(best.index.names) != list(acc_df.index.names):
+            raise ValueError("best rows must be indexed like the accuracy table")
+        best_values = np.column_stack([best.to_numpy(dtype=float), np.full((len(best), len(extra_names)), np.nan)])
+    names, rows = _table_rows(acc_df, values, best, best_values)
     heads = [_DISPLAY_NAMES.get(n, n) for n in names]
 
     def cell(v: float) -> str:
@@ -274,3 +270,52 @@ def _csv_quote(text: str) -> str:
     if any(ch in text for ch in ',"\n'):
         return '"' + text.replace('"', '""') + '"'
     return text
+
+
+def accuracy_report(
+    df: pd.DataFrame,
+    radii: Sequence[float],
+    fmt: Literal["markdown", "latex", "csv"] = "markdown",
+    by: Sequence[str] = ("method", "sigma", "votes", "steps"),
+    confidence: float | None = None,
+    acr: bool = False,
+    best_sigma: bool = True,
+    best_votes: bool = False,
+    union_bound: bool = True,
+) -> tuple[str, list[str]]:
+    """The certified-accuracy table of ``densepure report`` (and of the end of a run), and the notes
+    that say what its best rows mean.
+
+    Best rows: over sigma (``best_sigma``), over the vote counts K of DensePure (``best_votes``), or
+    over both; with ``union_bound`` each is computed from certificates recomputed at alpha / m for
+    its m choices (``pipeline.metrics.best_over``), so it keeps the per-image 1 - alpha guarantee.
+    """
+    from pipeline.metrics import average_certified_radius, best_over, certified_accuracy
+
+    acc = certified_accuracy(df, radii, by=by, confidence=confidence)
+    envelopes, notes = [], []
+    overs = []
+    if best_sigma:
+        overs.append(("sigma",))
+    if best_votes:
+        overs.append(("votes",))
+        if best_sigma:
+            overs.append(("sigma", "votes"))
+    for over in overs:
+        # Only groups with a real choice get a best row.
+        best = best_over(df, radii, over=over, by=by, confidence=confidence, union_bound=union_bound)
+        choice = {k: m for k, m in best.attrs["m"].items() if m > 1}
+        keep = [i for i, (k, m) in enumerate(best.attrs["m"].items()) if m > 1]
+        if keep:
+            envelopes.append(best.iloc[keep])
+            ms = sorted(set(choice.values()))
+            what = " and ".join("sigma" if o == "sigma" else "K" for o in over)
+            if union_bound:
+                notes.append(f"best over {what}: each row's certificates recomputed at alpha/m (m = {', '.join(map(str, ms))} "
+                             "choices) before taking the best, so the best row keeps the 1 - alpha guarantee (union bound)")
+            else:
+                notes.append(f"best over {what}: the plain maximum (optimistic: choosing among m = {', '.join(map(str, ms))} "
+                             "certificates after seeing them needs alpha/m each; drop --naive-best for that)")
+    best_frame = pd.concat(envelopes) if envelopes else None
+    extra = {"ACR": average_certified_radius(df, by=by)} if acr else None
+    return format_table(acc, fmt, extra=extra, best=best_frame), notes

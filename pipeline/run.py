@@ -24,14 +24,17 @@ import pandas as pd
 
 from pipeline.aggregate import Aggregator, table_from_units
 from pipeline.config import RunConfig, differing_fields
-from pipeline.manifest import Cost, Manifest, is_ours
+from pipeline.lock import Holder, RunLock
+from pipeline.manifest import Cost, Manifest
 from pipeline.plan import GroupKey, GroupState, group_key, groups_of, plan_units
-from pipeline.rundir import RunDir
+from pipeline.rundir import LOG_FILES, RunDir
 from workers import storage
 from workers.contract import ModelSpec, UnitRecord
 from workers.errors import UserError, first_line
 
 Log = Callable[[str], None]
+DRIVER_LOG = LOG_FILES[0]
+"""Where the traceback of an unexpected error goes, in the run folder (the last one only)."""
 
 __all__ = ["RunSummary", "certify_run", "model_spec", "preflight", "read_flags"]
 
@@ -81,10 +84,13 @@ def read_flags(config: RunConfig) -> dict | None:
 
 def model_spec(config: RunConfig, flags: dict | None) -> ModelSpec:
     """What each worker loads."""
+    from workers.models import pin_source
+
     return ModelSpec(
         dataset=config.data,
-        classifier=config.classifier,
-        denoiser=config.denoiser,
+        # A Hub id is pinned to the commit it resolves to now: every worker loads the same files.
+        classifier=pin_source(config.classifier),
+        denoiser=pin_source(config.denoiser),
         model_flags=flags if config.model_flags else None,
         device=config.device,
         batch_size=config.batch_size,
@@ -103,7 +109,7 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
     models are loaded once on the driver's CPU so that a wrong checkpoint, flags file or
     classifier directory fails here with one line, not on a GPU node.
     """
-    from workers.data import load_dataset, select_indices
+    from workers.data import check_images, load_dataset, select_indices
 
     config.validate()
     flags = read_flags(config)
@@ -112,6 +118,9 @@ def preflight(config: RunConfig, log: Log) -> tuple[list[tuple[int, int]], dict[
     ids = select_indices(len(dataset), config.skip, config.max_images, config.every, config.indices)
     if not ids:
         raise UserError(f"no images selected from {config.data} ({len(dataset)} images): check --skip/--max/--every/--indices")
+    # Every selected image decoded and shape-checked now: a corrupt or odd-sized one deep in the
+    # selection would otherwise fail a worker after GPU time was spent.
+    check_images(dataset, ids)
     images = [(i, int(dataset.label(i))) for i in ids]
     created = not storage.is_s3(config.out) and not os.path.exists(config.out)
     storage.check_access(config.out)  # before any model is loaded: a bad bucket costs seconds
@@ -163,22 +172,52 @@ def _check_models(config: RunConfig, dataset: Any) -> dict[str, Any]:
     return models
 
 
-def _open_run(config: RunConfig, log: Log) -> tuple[RunDir, Manifest | None]:
+def _same_source(spelling_a: Any, spelling_b: Any) -> bool:
+    """Whether two spellings of a source name the same place: ``scheme:path`` with local paths
+    compared as real absolute paths (``./x`` and ``/abs/x``), URIs as written."""
+    if not isinstance(spelling_a, str) or not isinstance(spelling_b, str):
+        return spelling_a == spelling_b
+
+    def norm(spelling: str) -> str:
+        scheme, sep, rest = spelling.partition(":")
+        if not sep or "://" in spelling or scheme.lower() not in ("openai", "diffusers", "hf", "torchscript", "cifar10", "imagenet", "parquet"):
+            return os.path.realpath(spelling) if os.path.exists(spelling) else spelling
+        return f"{scheme.lower()}:{os.path.realpath(rest) if os.path.exists(rest) else rest}"
+
+    return norm(spelling_a) == norm(spelling_b)
+
+
+def _files(models: dict[str, Any], role: str) -> Any:
+    description = models.get(role) or {}
+    return description.get("files"), description.get("revision")
+
+
+def _result_differences(previous: Manifest, config: RunConfig, models: dict[str, Any]) -> list[str]:
+    """The result fields on which a resumed run differs from the folder's, comparing models by the
+    sha256 of their files (and Hub commit) and data by where it is, not by how they are spelled."""
+    diff = differing_fields(previous.config, config.to_dict())
+    same = {
+        "data": _same_source(previous.config.get("data"), config.data),
+        "denoiser": _files(previous.models, "denoiser") == _files(models, "denoiser"),
+        "classifier": _files(previous.models, "classifier") == _files(models, "classifier"),
+        # The flags file is hashed with the denoiser's files.
+        "model_flags": _files(previous.models, "denoiser") == _files(models, "denoiser"),
+    }
+    return [f for f in diff if not same.get(f, False)]
+
+
+def _open_run(config: RunConfig, log: Log, models: dict[str, Any]) -> tuple[RunDir, Manifest | None]:
     """Resume, refuse, or clear the run folder at ``config.out``."""
     run = RunDir(config.out)
     if not run.has_manifest():
         return run, None
     if config.overwrite:
-        if not is_ours(run.read_manifest_data()):
-            raise UserError(
-                f"{run.manifest_uri} was not written by densepure: --overwrite only replaces densepure runs; "
-                "choose another --out"
-            )
+        # clear() refuses a folder whose manifest is not ours, and deletes only our files.
         log(f"--overwrite: removing the previous run at {config.out}")
         run.clear()
         return run, None
     previous = run.read_manifest()
-    diff = differing_fields(previous.config, config.to_dict())
+    diff = _result_differences(previous, config, models)
     if diff:
         raise UserError(
             f"{config.out} holds a run with a different configuration (differs in: {', '.join(diff)}); "
@@ -202,12 +241,27 @@ def _counts(counts: Any) -> Any:
 
 
 def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = None) -> RunSummary:
-    """Certify every selected image under every (sigma, method, votes), resuming if possible."""
+    """Certify every selected image under every (sigma, method, votes), resuming if possible.
+
+    One driver per run folder: the run's lease (``pipeline/lock.py``) is taken before the folder
+    is touched and renewed while the run lasts; a second driver is refused, and a driver whose
+    lease was taken over stops writing.
+    """
     started = time.time()
     images, models, flags = preflight(config, log)
-    run, previous = _open_run(config, log)
+    lock = RunLock.acquire(config.out, Holder.current(run_id=""), stale_after_s=config.lease_timeout,
+                           force=config.force_unlock, log=log)
+    try:
+        return _certify_locked(config, log, ray_address, images, models, flags, lock, started)
+    finally:
+        lock.release()
+
+
+def _certify_locked(config: RunConfig, log: Log, ray_address: str | None, images: list, models: dict,
+                    flags: dict | None, lock: RunLock, started: float) -> RunSummary:
+    run, previous = _open_run(config, log, models)
     groups = groups_of(config, images)
-    logged = run.read_units() if previous is not None else None
+    logged = _read_log(run, log) if previous is not None else None
     if logged is not None:
         _replay(groups, logged)
     pending = [u for g in groups.values() for u in g.pending()]
@@ -239,32 +293,45 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
         cost=_cost(logged),
         error=None,
     )
+    lock.set_run_id(manifest.run_id)
+    lock.check()
     run.write_manifest(manifest)
     try:
-        workers = _compute(config, run, groups, pending, flags, manifest, log, ray_address)
-        logged = run.read_units()
+        workers = _compute(config, run, groups, pending, flags, log, ray_address, lock)
+        logged = _read_log(run, log)
         table = table_from_units(logged, config)
+        lock.check()
         run.write_table(table)
     except BaseException as exc:
-        _record_failure(run, manifest, exc)
+        if not lock.lost:  # another driver owns the folder now: leave its files alone
+            _record_failure(run, manifest, exc)
         raise
     manifest.status, manifest.units_done, manifest.updated_at = "complete", int(logged["unit_id"].nunique()), _now()
     manifest.groups_done, manifest.cost = len(groups), _cost(logged)
+    lock.check()
     run.write_manifest(manifest)
     elapsed = time.time() - started
     log(f"done: {len(table)} rows in {storage.join(config.out, 'certification.parquet')} ({elapsed:.1f} s)")
     return RunSummary(config.out, budget_units, skipped, int(logged["unit_id"].nunique()) - skipped, table, elapsed, workers)
 
 
+def _read_log(run: RunDir, log: Log) -> pd.DataFrame:
+    """The unit log; damaged parts are moved aside (their units are recomputed), with a note."""
+    unit_log = run.read_unit_log(heal=True)
+    for damaged in unit_log.damaged:
+        log(damaged.describe())
+    return unit_log.units
+
+
 def _compute(config: RunConfig, run: RunDir, groups: dict[GroupKey, GroupState], pending: list, flags: dict | None,
-             manifest: Manifest, log: Log, ray_address: str | None) -> int:
+             log: Log, ray_address: str | None, lock: RunLock) -> int:
     """Run the pending units, and every round they lead to, on the Ray pool; returns peak workers."""
     if not pending:
         return 0
     from pipeline.pool import ElasticPool, UnitQueue, connect
 
     connect(ray_address)
-    aggregator = Aggregator(run, {uid for g in groups.values() for uid in g.logged})
+    aggregator = Aggregator(run, {uid for g in groups.values() for uid in g.logged}, before_write=lock.check)
     progress = _Progress(len(groups), sum(g.finished for g in groups.values()), config.progress)
     queue = UnitQueue(pending)
     pool = ElasticPool(model_spec(config, flags), config.workers, config.max_workers, config.max_retries,
@@ -284,10 +351,11 @@ def _compute(config: RunConfig, run: RunDir, groups: dict[GroupKey, GroupState],
 
     try:
         with _stop_on_sigterm():
-            pool.run(queue, on_results, on_tick=lambda: progress.refresh(pool.num_workers))
+            pool.run(queue, on_results, on_tick=lambda: (lock.check(), progress.refresh(pool.num_workers)))
     finally:
-        aggregator.flush()
         progress.close()
+        if not lock.lost:
+            aggregator.flush()
     return pool.peak_workers
 
 
@@ -300,7 +368,7 @@ def _record_failure(run: RunDir, manifest: Manifest, exc: BaseException) -> None
     manifest.updated_at = _now()
     log_uri = None
     if not stopped and not isinstance(exc, UserError):
-        log_uri = storage.join(run.uri, "logs", f"driver-{_dt.datetime.now(_dt.timezone.utc):%Y%m%dT%H%M%S}-{os.getpid()}.log")
+        log_uri = storage.join(run.uri, DRIVER_LOG)
         with contextlib.suppress(Exception):
             storage.write_bytes(log_uri, "".join(traceback.format_exception(exc)).encode())
         manifest.error += f" (traceback: {log_uri})"

@@ -11,7 +11,7 @@ import pandas as pd
 
 from pipeline.analysis import load_units, read_manifest, read_table
 from pipeline.lock import lease_state
-from pipeline.metrics import DEFAULT_BY, certified_accuracy
+from pipeline.metrics import DEFAULT_BY, certified_accuracy, sampling_savings
 
 __all__ = ["RunStatus", "format_status", "run_status"]
 
@@ -67,6 +67,16 @@ class RunStatus:
     manifest_status: str = ""
     lease: str = "none"
     driver: str | None = None
+    groups_done: int = 0
+    groups_total: int = 0
+    votes_computed: int = 0
+    votes_skipped: int = 0
+    sampling: str = "fixed"
+    savings: str | None = None
+    """What sequential sampling saved on the finished groups (``pipeline.metrics.Savings``)."""
+    remaining: dict[str, Any] = field(default_factory=dict)
+    """Upper bound of the work left (every vote of the budget): draws, UNet forwards, classifier
+    calls, and worker-hours at this run's own measured seconds per draw of each method."""
 
     @property
     def stale(self) -> bool:
@@ -139,6 +149,11 @@ def run_status(run: str) -> RunStatus:
             row.update(accuracy=float(value), images=int(images[key]))
             accuracy_r0.append(row)
 
+    votes_computed = int(units["votes_computed"].sum()) if has_log else cost.votes_computed
+    votes_skipped = int(units["votes_skipped"].sum()) if has_log else cost.votes_skipped
+    groups_done = int(table[["image_id", "sigma", "method"]].drop_duplicates().shape[0]) if not table.empty else 0
+    savings = sampling_savings(table) if not table.empty else None
+    kind = "CPU" if engines and all(e.startswith("cpu") for e in engines) else "GPU"
     return RunStatus(
         run=run, run_id=manifest.run_id, status=status, error=manifest.error,
         created_at=manifest.created_at, updated_at=manifest.updated_at, partial=partial,
@@ -149,7 +164,32 @@ def run_status(run: str) -> RunStatus:
         workers=workers, engines=engines, draws_per_second=draws_per_second,
         draws_per_gpu_second=draws_per_gpu_second, eta_seconds=eta, accuracy_r0=accuracy_r0,
         manifest_status=manifest.status, lease=lease, driver=driver,
+        groups_done=groups_done, groups_total=manifest.groups_total or manifest.images_total * pairs,
+        votes_computed=votes_computed, votes_skipped=votes_skipped, sampling=str(config.get("sampling", "fixed")),
+        savings=savings.describe(kind) if savings is not None else None,
+        remaining=_remaining(config, manifest.images_total, units) if manifest.status != "complete" else {},
     )
+
+
+def _remaining(config: dict[str, Any], images: int, units: pd.DataFrame) -> dict[str, Any]:
+    """The work a run has left at most: its budget minus its logged draws, per method, with every
+    vote computed (early majority and sequential stops only lower it)."""
+    from workers.contract import copies, unet_forwards_per_draw
+
+    per_group = int(config["n0"]) + int(config["n"])
+    out = {"draws": 0, "unet_forwards": 0, "classifier_calls": 0, "worker_hours": 0.0, "hours_known": True}
+    for method in config["methods"]:
+        done = units[units["method"] == method] if len(units) else units
+        left = max(images * len(config["sigmas"]) * per_group - int(done["num_draws"].sum() if len(done) else 0), 0)
+        k = max(config["votes"]) if method == "densepure" else 1
+        out["draws"] += left
+        out["unet_forwards"] += left * unet_forwards_per_draw(method, int(config["steps"]), k)
+        out["classifier_calls"] += left * copies(method, k)
+        if len(done) and int(done["num_draws"].sum()):
+            out["worker_hours"] += left * float(done["seconds"].sum()) / int(done["num_draws"].sum()) / 3600
+        elif left:
+            out["hours_known"] = False  # not measured yet for this method
+    return out
 
 
 def _duration(seconds: float | None) -> str:
@@ -178,7 +218,14 @@ def format_status(s: RunStatus) -> str:
         lines.append(f"  error:      {s.error}")
     lines.append(f"  units:      {_of(s.units_done, s.units_total)}")
     lines.append(f"  images:     {_of(s.images_done, s.images_total)} finished")
-    lines.append(f"  draws:      {_of(s.draws_done, s.draws_total)}")
+    lines.append(f"  groups:     {_of(s.groups_done, s.groups_total)} finished (image, sigma, method)")
+    lines.append(f"  draws:      {_of(s.draws_done, s.draws_total)}" + (" (the budget: groups stop early)" if s.sampling == "sequential" else ""))
+    if s.votes_skipped:
+        total = s.votes_computed + s.votes_skipped
+        lines.append(f"  votes:      {s.votes_computed:,} computed, {s.votes_skipped:,} skipped by early majority "
+                     f"({100.0 * s.votes_skipped / total:.1f}% of {total:,})")
+    if s.savings:
+        lines.append(f"  sampling:   {s.savings}")
     # Worker time is GPU time unless every logged unit ran on a CPU (the demo, tests).
     kind = "CPU" if s.engines and all(e.startswith("cpu") for e in s.engines) else "GPU"
     lines.append(
@@ -199,6 +246,12 @@ def format_status(s: RunStatus) -> str:
         # Counts stay valid, but a rerun on one setting would not reproduce them bit for bit.
         lines.append(f"  engine:     MIXED settings across units: {'; '.join(s.engines)}")
     lines.append(f"  ETA:        {'none (no live driver)' if s.stale else _duration(s.eta_seconds)}")
+    if s.remaining:
+        r = s.remaining
+        hours = f"about {r['worker_hours']:.2f} {kind}-hours at this run's measured speed" if r["hours_known"] else (
+            "worker-hours unknown until every method has run a unit (densepure certify --dry-run estimates it)")
+        lines.append(f"  remaining:  at most {r['draws']:,} draws, {r['unet_forwards']:,} UNet forwards, "
+                     f"{r['classifier_calls']:,} classifier calls; {hours}")
     if s.updated_at:
         lines.append(f"  updated:    {s.updated_at}")
     if s.accuracy_r0:

@@ -30,13 +30,16 @@ def _run_certify(ray_address: str | None, show_report: bool, dry_run: bool = Fal
 
     summary = certify_run(config, log=lambda m: click.echo(m, err=True), ray_address=ray_address)
     if show_report and len(summary.table):
-        from pipeline.formats import format_table
-        from pipeline.metrics import certified_accuracy
+        from pipeline.cli.runs import sampling_notes
+        from pipeline.formats import accuracy_report
         from pipeline.plots import plot_certified_accuracy
         from workers import storage
 
         radii = sorted({0.0, *[round(s * f, 3) for s in config.sigmas for f in (0.5, 1.0, 1.5, 2.0)]})
-        click.echo(format_table(certified_accuracy(summary.table, radii), "markdown"))
+        text, notes = accuracy_report(summary.table, radii)
+        click.echo(text)
+        for note in notes + sampling_notes(summary.table):
+            click.echo(f"note: {note}", err=True)
         if not storage.is_s3(config.out):
             plot = storage.join(config.out, "certified_accuracy.png")
             plot_certified_accuracy(summary.table, plot)

@@ -16,8 +16,8 @@ import click
 
 from pipeline.analysis import PartialRunWarning, check_local_output, export_per_group, export_tsv, load_runs
 from pipeline.cli.errors import handle_user_errors
-from pipeline.formats import format_table
-from pipeline.metrics import DEFAULT_BY, average_certified_radius, certified_accuracy, check_confidence, check_radii
+from pipeline.formats import accuracy_report
+from pipeline.metrics import DEFAULT_BY, check_confidence, check_radii, sampling_savings
 from pipeline.plots import plot_certified_accuracy
 from pipeline.status import format_status, run_status
 from workers.errors import UserError
@@ -103,6 +103,15 @@ def _notes_from_warnings(caught: list[warnings.WarningMessage]) -> None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def sampling_notes(df) -> list[str]:
+    """What sequential sampling saved, for the notes after a report."""
+    savings = sampling_savings(df)
+    if savings is None:
+        return []
+    kind = "CPU" if "engine" in df.columns and df["engine"].astype(str).str.startswith("cpu").all() else "GPU"
+    return [savings.describe(kind)]
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -131,8 +140,13 @@ def _notes_from_warnings(caught: list[warnings.WarningMessage]) -> None:
     help="Print Clopper-Pearson lower bounds on certified accuracy at this confidence (e.g. 0.999) instead of point estimates.",
 )
 @click.option("--acr", is_flag=True, help="Add the average certified radius (radius if certified correct, else 0; mean over images).")
+@click.option("--best-sigma/--no-best-sigma", default=True, show_default=True,
+              help="Add best-over-sigma rows (union-bounded: certificates at alpha/m for m sigmas).")
+@click.option("--best-votes", is_flag=True, help="Add best-over-K rows for DensePure (union-bounded over the K values).")
+@click.option("--naive-best", is_flag=True, help="Best rows as the plain maximum (Cohen's and Carlini's tables), without the union bound.")
 @handle_user_errors
-def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, confidence: float | None, acr: bool) -> None:
+def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, confidence: float | None, acr: bool,
+           best_sigma: bool, best_votes: bool, naive_best: bool) -> None:
     """Certified-accuracy table (rows method/sigma/K/steps, columns radii) of one or more runs.
 
     Unfinished runs are reported on their finished images, with a note. With
@@ -150,9 +164,11 @@ def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, c
         raise UserError("no finished certificates yet; check progress with `densepure status RUN`")
     # Several runs are separate experiments (e.g. two datasets): never pool them.
     by = (("run",) if len(runs) > 1 else ()) + DEFAULT_BY
-    acc = certified_accuracy(df, radii_values, by=by, confidence=confidence)
-    extra = {"ACR": average_certified_radius(df, by=by)} if acr else None
-    click.echo(format_table(acc, fmt, extra=extra), nl=False)
+    text, notes = accuracy_report(df, radii_values, fmt, by=by, confidence=confidence, acr=acr,
+                                  best_sigma=best_sigma, best_votes=best_votes, union_bound=not naive_best)
+    click.echo(text, nl=False)
+    for note in notes + sampling_notes(df):
+        click.echo(f"note: {note}", err=True)
     if confidence is not None:
         click.echo(
             f"note: values are {confidence:g}-confidence Clopper-Pearson lower bounds on certified accuracy "

@@ -187,9 +187,35 @@ def test_certified_accuracy_rejects_negative_radius() -> None:
 
 
 def test_best_over_sigma_is_envelope() -> None:
+    naive = best_over_sigma(known_table(), RADII, union_bound=False)
+    assert naive.loc[("cohen", 1, 0)].tolist() == pytest.approx([3 / 4, 2 / 4, 1 / 4, 1 / 4])
+    assert naive.loc[("densepure", 3, 2)].tolist() == pytest.approx(EXPECTED[("densepure", 0.25, 3, 2)])
+    # Union-bounded: the two cohen sigmas are compared on their certificates recomputed at alpha / 2;
+    # densepure has one sigma, so nothing changes there.
+    from pipeline.metrics import recertify
+
     best = best_over_sigma(known_table(), RADII)
-    assert best.loc[("cohen", 1, 0)].tolist() == pytest.approx([3 / 4, 2 / 4, 1 / 4, 1 / 4])
-    assert best.loc[("densepure", 3, 2)].tolist() == pytest.approx(EXPECTED[("densepure", 0.25, 3, 2)])
+    cohen = known_table()[lambda d: d["method"] == "cohen"]
+    want = best_over_sigma(recertify(cohen, 2), RADII, union_bound=False)
+    assert best.loc[("cohen", 1, 0)].tolist() == want.loc[("cohen", 1, 0)].tolist()
+    assert best.loc[("densepure", 3, 2)].tolist() == naive.loc[("densepure", 3, 2)].tolist()
+    assert best.attrs["m"][("cohen", 1, 0)] == 2
+
+
+def test_recertify_recomputes_each_bound_at_alpha_over_m() -> None:
+    from scipy.stats import norm
+
+    from pipeline.metrics import recertify
+
+    table = known_table()
+    table["p_lower"] = [lower_confidence_bound(900, 1000, 0.001)] * len(table)
+    again = recertify(table, 3)
+    p = lower_confidence_bound(900, 1000, 0.001 / 3)
+    certified = ~table["abstain"]
+    assert again.loc[certified, "p_lower"].tolist() == pytest.approx([p] * int(certified.sum()))
+    assert again.loc[certified, "radius"].tolist() == pytest.approx(list(table.loc[certified, "sigma"] * norm.ppf(p)))
+    assert again["abstain"].tolist() == table["abstain"].tolist()  # abstentions stay abstentions
+    pd.testing.assert_frame_equal(recertify(table, 1), table)
 
 
 def test_average_certified_radius() -> None:
@@ -245,8 +271,16 @@ def test_export_tsv_writes_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- tables
 
 
+def _with_best(fmt: str, **kw: Any) -> str:
+    from pipeline.metrics import best_over
+
+    best = best_over(known_table(), RADII, over=("sigma",), union_bound=False)
+    best = best.iloc[[i for i, m in enumerate(best.attrs["m"].values()) if m > 1]]
+    return format_table(certified_accuracy(known_table(), RADII), fmt, best=best, **kw)
+
+
 def test_format_table_markdown() -> None:
-    text = format_table(certified_accuracy(known_table(), RADII), "markdown")
+    text = _with_best("markdown")
     lines = text.splitlines()
     assert lines[0] == "| method | sigma | K | steps | r=0 | r=0.25 | r=0.5 | r=0.75 |"
     assert "| cohen | 0.25 | 1 | 0 | 0.500 | 0.250 | 0.250 | 0.000 |" in lines
@@ -260,7 +294,7 @@ def test_format_table_markdown() -> None:
 
 
 def test_format_table_latex() -> None:
-    text = format_table(certified_accuracy(known_table(), RADII), "latex", digits=2)
+    text = _with_best("latex", digits=2)
     assert text.startswith("\\begin{tabular}{lrrrrrrr}\n\\toprule\n")
     assert "method & $\\sigma$ & $K$ & steps & $r=0$ & $r=0.25$ & $r=0.5$ & $r=0.75$ \\\\" in text
     assert "cohen & best & 1 & 0 & 0.75 & 0.50 & 0.25 & 0.25 \\\\" in text
@@ -268,7 +302,7 @@ def test_format_table_latex() -> None:
 
 
 def test_format_table_csv_round_trips() -> None:
-    text = format_table(certified_accuracy(known_table(), RADII), "csv")
+    text = _with_best("csv")
     back = pd.read_csv(io.StringIO(text))
     assert list(back.columns) == ["method", "sigma", "K", "steps", "0", "0.25", "0.5", "0.75"]
     best = back[(back["method"] == "cohen") & (back["sigma"] == "best")]

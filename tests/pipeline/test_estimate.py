@@ -67,19 +67,20 @@ def test_estimate_counts_are_the_plans() -> None:
 
 
 def test_the_engine_reports_the_estimated_evaluations() -> None:
-    """One unit per method through the real engine: its record's counts are the estimate's."""
+    """One unit per method through the real engine with every vote computed: its record's counts
+    are the estimate's (early majority and sequential sampling can only lower them)."""
     from workers.contract import ModelSpec
     from workers.data import load_dataset
-    from workers.worker import build_engine, run_unit
+    from workers.worker import build_engine, run_units
 
     config = RunConfig(out="unused", **OPTIONS)
     images = _images()[:1]
     units = [u for u in plan_units(config, images) if u.phase == "select" and u.sigma == 0.25]
     engine = build_engine(ModelSpec(dataset="digits", classifier="digits", denoiser="digits", device="cpu",
-                                    precision="fp32", batch_size=64))
+                                    precision="fp32", batch_size=64, early_majority=False))
     image = load_dataset("digits").get(images[0][0])[0]
     for unit in units:
-        record = run_unit(engine, image, unit)
+        [record] = run_units(engine, lambda _: image, [unit])
         est = estimate(RunConfig(out="unused", **{**OPTIONS, "methods": [unit.method], "sigmas": [0.25], "n": 7}), images)
         select = next(m for m in est.methods)
         # The estimate covers both phases of equal size here (n0 = n = 7): half of it is this unit.

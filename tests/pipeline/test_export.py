@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import datetime
 import io
 from pathlib import Path
@@ -100,7 +102,7 @@ def test_report_acr_column(tmp_path: Path) -> None:
     # Hand counts from known_table: certified-correct radii / 4 images.
     assert acr("cohen", "0.25", 1) == pytest.approx((0.6 + 0.2) / 4)
     assert acr("cohen", "0.5", 1) == pytest.approx((1.0 + 0.3 + 0.0) / 4)
-    assert acr("cohen", "best", 1) == pytest.approx((1.0 + 0.3) / 4)  # best over sigma
+    assert math.isnan(acr("cohen", "best", 1))  # a best row has no ACR of its own
     assert acr("densepure", "0.25", 3) == pytest.approx((0.7 + 0.25 + 0.5) / 4)
     md = _invoke(report, [run, "--radii", "0", "--acr"]).stdout.splitlines()
     assert md[0] == "| method | sigma | K | steps | r=0 | ACR |"

@@ -106,8 +106,8 @@ def test_clear_keep_lock_false(run_uri: str) -> None:
     assert not storage.exists(run.lock_uri) and not run.has_manifest()
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "42", '{"format": "densepure-run", "version": 1, "run_id": "r", '
-                                     '"config": {}, "cost": [1]}', '{"format": "densepure-run", "version": 1, '
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "42", '{"format": "densepure-run", "version": 2, "run_id": "r", '
+                                     '"config": {}, "cost": [1]}', '{"format": "densepure-run", "version": 2, '
                                      '"run_id": "r", "config": {}, "units_total": "many"}'])
 def test_manifest_that_is_json_but_not_a_manifest_is_one_line(tmp_path, content: str) -> None:
     run = RunDir(str(tmp_path / "run"))

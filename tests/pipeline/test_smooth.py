@@ -182,7 +182,8 @@ def test_the_same_call_gives_the_same_answer_whatever_the_batch_size() -> None:
     first = smooth.certificate(x, N0, N, ALPHA, 64)
     assert smooth.certificate(x, N0, N, ALPHA, 64) == first
     assert smooth.certificate(x, N0, N, ALPHA, 7)[2] == first[2]
-    assert smooth.certificate(x, N0, N, ALPHA, 64, image_id=1)[2] != first[2]  # other draws
+    # Other image ids draw other noise (one could tie by chance: three cannot all tie).
+    assert any(smooth.certificate(x, N0, N, ALPHA, 64, image_id=i)[2] != first[2] for i in (1, 2, 3))
 
 
 # --------------------------------------------------------------------------------------------
