@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time another engine configuration in the same run, e.g. bf16:cl or fp32:cl:compile "
                         "(tokens: fp32|bf16|fp16, cl|nocl, compile, batch=N); repeatable")
     p.add_argument("--no-reference", action="store_true", help="time the engine only")
+    p.add_argument("--no-early-majority-comparison", action="store_true",
+                   help="skip timing the engine with every vote computed (early majority off) in the same run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p.parse_args(argv)
@@ -107,8 +109,10 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def parse_variant(text: str) -> dict[str, Any]:
     """An extra engine configuration: tokens joined by ':' - a precision (fp32, bf16, fp16),
-    cl / nocl (channels_last), compile, batch=N. E.g. ``bf16:cl``, ``fp32:cl:compile``."""
-    settings: dict[str, Any] = {"precision": None, "channels_last": None, "compile": False, "batch_size": None}
+    cl / nocl (channels_last), compile, batch=N, allvotes (early majority off). E.g. ``bf16:cl``,
+    ``fp32:cl:compile``."""
+    settings: dict[str, Any] = {"precision": None, "channels_last": None, "compile": False, "batch_size": None,
+                                "early_majority": True}
     for token in filter(None, text.split(":")):
         if token in ("fp32", "bf16", "fp16"):
             settings["precision"] = token
@@ -118,8 +122,10 @@ def parse_variant(text: str) -> dict[str, Any]:
             settings["compile"] = True
         elif token.startswith("batch="):
             settings["batch_size"] = int(token.split("=", 1)[1])
+        elif token == "allvotes":
+            settings["early_majority"] = False
         else:
-            raise SystemExit(f"--extra-engine {text!r}: unknown token {token!r} (use fp32|bf16|fp16, cl|nocl, compile, batch=N)")
+            raise SystemExit(f"--extra-engine {text!r}: unknown token {token!r} (use fp32|bf16|fp16, cl|nocl, compile, batch=N, allvotes)")
     return settings
 
 
@@ -148,8 +154,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_reference:
         # Built first: it copies the fp32 networks before an engine converts them in place.
         reference = ReferenceLoop(classifier, denoiser, device, args.sigma, args.steps, args.votes, ref_batch, ref_fp16)
-    configs = [("engine", {"precision": args.engine_precision, "channels_last": {"auto": None, "on": True, "off": False}[args.channels_last],
-                           "compile": args.compile, "batch_size": args.batch_size})]
+    main_cfg = {"precision": args.engine_precision, "channels_last": {"auto": None, "on": True, "off": False}[args.channels_last],
+                "compile": args.compile, "batch_size": args.batch_size, "early_majority": True}
+    configs = [("engine", main_cfg)]
+    if not args.no_early_majority_comparison and args.votes > 1:
+        # The same engine with every vote computed, in the same run: the early-majority ratio.
+        configs.append(("engine[allvotes]", {**main_cfg, "early_majority": False}))
     configs += [(f"engine[{v}]", parse_variant(v)) for v in args.extra_engine]
     engines: dict[str, Engine] = {}
     for i, (name, cfg) in enumerate(configs):
@@ -157,14 +167,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # (memory format, device), and the copies share nothing that one run could change.
         cls, den = (classifier, denoiser) if i == len(configs) - 1 else (copy.deepcopy(classifier), copy.deepcopy(denoiser))
         engines[name] = Engine(cls, den, device, batch_size=cfg["batch_size"], precision=cfg["precision"] or "auto",
-                               compile=cfg["compile"], channels_last=cfg["channels_last"])
+                               compile=cfg["compile"], channels_last=cfg["channels_last"],
+                               early_majority=cfg.get("early_majority", True))
     spec = PurifySpec("densepure", args.sigma, args.steps, args.votes)
     seeds = draw_seeds(args.seed, 0, args.sigma, "estimate", 0, draws)
 
     counts: dict[str, Any] = {}
+    computed: dict[str, Any] = {}
+
+    def engine_once(name: str) -> None:
+        out = engines[name].count(image, spec, seeds)
+        counts[name] = out.counts[0].tolist()
+        computed[name] = (out.unet_forwards, out.votes_computed)
 
     def engine_side(name: str) -> Callable[[], None]:
-        return lambda: counts.__setitem__(name, engines[name].count(image, spec, seeds).counts[0].tolist())
+        return lambda: engine_once(name)
 
     sides: dict[str, Callable[[], Any]] = {name: engine_side(name) for name in engines}
     if reference is not None:
@@ -184,7 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     name_of_device = device_name(device)
     peak = peak_flops(name_of_device, args.peak_tflops) if device.type == "cuda" else None
-    per_draw = {name: spec.unet_forwards_per_draw() for name in engines}
+    # Measured, not nominal: early majority skips votes (and their forwards) draw by draw.
+    per_draw = {name: computed[name][0] / draws for name in engines}
     per_draw["reference"] = args.votes * args.steps
 
     def side_figures(name: str) -> dict[str, Any]:
@@ -206,8 +224,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def engine_settings(name: str) -> dict[str, Any]:
         e = engines[name]
-        return {"batch_size_images": e.batch_size, "draws_per_batch": e.draws_per_batch(spec), "precision": e.precision,
-                "channels_last": e.channels_last, "compile": e.compiled, "unet_forwards_per_draw": per_draw[name]}
+        return {"batch_size_images": e.batch_size, "precision": e.precision, "early_majority": e.early_majority,
+                "channels_last": e.channels_last, "compile": e.compiled, "unet_forwards_per_draw": per_draw[name],
+                "votes_computed_share": computed[name][1] / (draws * args.votes)}
 
     result: dict[str, Any] = {
         "model": args.model,
@@ -236,6 +255,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result[f"reference_{key}"] = value
         result["ratio"] = result["engine_draws_per_s"] / result["reference_draws_per_s"]
         result["ratio_per_repeat"] = [round(r / e, 3) for e, r in zip(times["engine"], times["reference"])]
+    if "engine[allvotes]" in engines:
+        allvotes = draws / median(times["engine[allvotes]"])
+        result["early_majority_ratio"] = result["engine_draws_per_s"] / allvotes
+        result["early_majority_ratio_per_repeat"] = [round(a / e, 3) for e, a in zip(times["engine"], times["engine[allvotes]"])]
+        result["votes_computed_share"] = computed["engine"][1] / (draws * args.votes)
+        result["counts_equal_with_all_votes"] = counts["engine"] == counts["engine[allvotes]"]
     result["variants"] = []
     for name in list(engines)[1:]:
         variant = {"name": name, **engine_settings(name), **side_figures(name)}
@@ -258,24 +283,28 @@ def format_table(r: dict[str, Any]) -> str:
         if f"{name}_draws_per_s" not in r:
             continue
         s = r[name]
-        settings = (f"batch {s['batch_size_images']} images ({s['draws_per_batch']} draws), {s['precision']}, "
+        settings = (f"batch {s['batch_size_images']} images, {s['precision']}, early majority {s['early_majority']}, "
                     f"channels_last={s['channels_last']}, compile={s['compile']}") if name == "engine" else \
                    f"batch {s['batch_draws']} draws, {s['precision']}, one run per vote"
         tflops = f"{r[name + '_tflops']:.3f}" if r.get(name + "_tflops") is not None else "-"
         mfu = f"{100 * r[name + '_mfu']:.1f}%" if r.get(name + "_mfu") is not None else "-"
         lines.append(f"{name:<16} {r[name + '_draws_per_s']:>10.3f} {r[name + '_forwards_per_s']:>11.2f} "
-                     f"{s['unet_forwards_per_draw']:>8} {tflops:>8} {mfu:>6}  {settings}")
+                     f"{s['unet_forwards_per_draw']:>8.1f} {tflops:>8} {mfu:>6}  {settings}")
         lines.append(f"{'':<16} seconds: {r[name + '_seconds']}")
     for v in r.get("variants", []):
         tflops = f"{v['tflops']:.3f}" if v.get("tflops") is not None else "-"
         mfu = f"{100 * v['mfu']:.1f}%" if v.get("mfu") is not None else "-"
         ratio = f", ratio {v['ratio']:.2f}x" if "ratio" in v else ""
-        lines.append(f"{v['name']:<16} {v['draws_per_s']:>10.3f} {v['forwards_per_s']:>11.2f} {v['unet_forwards_per_draw']:>8} "
-                     f"{tflops:>8} {mfu:>6}  batch {v['batch_size_images']} images ({v['draws_per_batch']} draws), "
+        lines.append(f"{v['name']:<16} {v['draws_per_s']:>10.3f} {v['forwards_per_s']:>11.2f} {v['unet_forwards_per_draw']:>8.1f} "
+                     f"{tflops:>8} {mfu:>6}  batch {v['batch_size_images']} images, early majority {v['early_majority']}, "
                      f"{v['precision']}, channels_last={v['channels_last']}, compile={v['compile']}{ratio}")
         lines.append(f"{'':<16} seconds: {v['seconds']}")
     if "ratio" in r:
         lines.append(f"\nratio engine/reference draws/s: {r['ratio']:.2f}x (per repeat: {r['ratio_per_repeat']})")
+    if "early_majority_ratio" in r:
+        lines.append(f"early majority: {r['early_majority_ratio']:.2f}x draws/s over every vote computed "
+                     f"(per repeat: {r['early_majority_ratio_per_repeat']}), {100 * r['votes_computed_share']:.1f}% of votes computed, "
+                     f"counts equal: {r['counts_equal_with_all_votes']}")
     return "\n".join(lines)
 
 

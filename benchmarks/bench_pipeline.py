@@ -5,7 +5,7 @@
 The pipeline side is ``certify_run`` on a private local Ray instance with ``--workers`` actors
 (default 1), a temporary output folder and the bundled digits models; the engine side runs the
 very same work units (``plan_units`` of the same config: same images, sigmas, methods, n0, n,
-seeds) one after the other through ``run_unit`` on an ``Engine`` built like the worker's
+seeds) one after the other through ``run_units`` on an ``Engine`` built like the worker's
 (``build_engine``), in a fresh process per run as the pipeline's actor is (model loading is not
 timed on either side). Both sides get one untimed warm-up run first.
 
@@ -47,8 +47,8 @@ from pipeline.config import RunConfig  # noqa: E402
 from workers.data import load_dataset, select_indices  # noqa: E402
 from pipeline.plan import plan_units  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
-from pipeline.run import certify_run, model_spec  # noqa: E402
-from workers.worker import build_engine, run_unit  # noqa: E402
+from pipeline.run import certify_run, model_spec, read_flags  # noqa: E402
+from workers.worker import build_engine, run_units  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,7 +111,7 @@ def _engine_once(config: RunConfig, engine: Any, dataset: Any, units: list) -> d
     counts = {}
     for unit in units:
         image, _ = dataset.get(unit.image_id)
-        counts[unit.unit_id] = run_unit(engine, image, unit)["counts"]
+        counts[unit.unit_id] = run_units(engine, lambda _, image=image: image, [unit])[0].counts
     total = time.perf_counter() - start
     return {"draws": sum(u.num_draws for u in units), "total": total, "counts": counts}
 
@@ -125,7 +125,7 @@ def _engine_in_fresh_process(config: RunConfig, units: list) -> dict[str, Any]:
     the next, and one long-lived process would compare one sample of that against many.
     """
     dataset = load_dataset(config.data)
-    engine = build_engine(model_spec(config), tuple(dataset.image_shape))
+    engine = build_engine(model_spec(config, read_flags(config)), tuple(dataset.image_shape))
     out = _engine_once(config, engine, dataset, units)
     out["batch_size"] = engine.batch_size
     return out

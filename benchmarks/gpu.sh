@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu.sh            # from the repository root, on a machine with one GPU
 #
 # Engine vs the reference loop on the real architectures (random weights): the CIFAR-10 UNet
-# (52.5M parameters) and the 256x256 guided ImageNet UNet (552.8M). The engine runs bf16
+# (52.5M parameters) and the 256x256 guided ImageNet UNet (552.8M), plus early majority at K = 40
+# (engine with and without it, same run). The engine runs bf16
 # autocast (the reference: fp32 for CIFAR-10, fp16 torso for ImageNet, as its own configs), with
 # channels_last on and off and torch.compile off and on; K=4, b=2. Every step has its own
 # timeout and a failed step does not stop the others. Each result is one JSON line, printed and
@@ -74,10 +75,11 @@ with open(sys.argv[2], "a") as fh:
 def pct(key):
     return "-" if d.get(key) is None else "%.1f%%" % (100 * d[key])
 ref = d.get("reference_draws_per_s")
-print("  %s: engine %.3f draws/s (MFU %s, batch %s), reference %s draws/s (MFU %s), ratio %s" % (
+print("  %s: engine %.3f draws/s (MFU %s, batch %s), reference %s draws/s (MFU %s), ratio %s, early majority %s" % (
     sys.argv[1], d["engine_draws_per_s"], pct("engine_mfu"), d["engine"]["batch_size_images"],
     "-" if ref is None else "%.3f" % ref, pct("reference_mfu"),
-    "-" if d.get("ratio") is None else "%.2fx" % d["ratio"]))
+    "-" if d.get("ratio") is None else "%.2fx" % d["ratio"],
+    "-" if d.get("early_majority_ratio") is None else "%.2fx (%.0f%% of votes)" % (d["early_majority_ratio"], 100 * d["votes_computed_share"])))
 EOF
 }
 
@@ -86,11 +88,21 @@ log "device facts"
   "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
 } 2>&1 | tee -a "$LOG"
 
-# Most important first: the eager comparisons, then channels_last off, then compiled engines.
-step cifar10_eager_cl      150 --model cifar10 "${CIFAR_WORK[@]}" --channels-last on
-step imagenet_eager_cl     200 --model imagenet "${IMAGENET_WORK[@]}" --channels-last on
-step cifar10_eager_nocl    100 --model cifar10 "${CIFAR_WORK[@]}" --channels-last off
-step cifar10_compiled_cl   180 --model cifar10 "${CIFAR_WORK[@]}" "${CIFAR_COMPILED[@]}" --channels-last on --compile
-step imagenet_compiled_cl  300 --model imagenet "${IMAGENET_WORK[@]}" "${IMAGENET_COMPILED[@]}" --channels-last on --compile
+if [[ "${QUICK:-0}" == 1 ]]; then
+  K40_WORK=(--draws 8 --repeats 1 --warmup 0 --batch-size 64)
+else
+  K40_WORK=(--draws 200 --repeats 3)
+fi
+NOEM=(--no-early-majority-comparison)
+
+# Most important first: the eager comparisons, the K = 40 early-majority comparison (same run,
+# same seeds: engine with and without early majority), then channels_last off, then compiled.
+step cifar10_eager_cl      150 --model cifar10 "${CIFAR_WORK[@]}" --channels-last on "${NOEM[@]}"
+step imagenet_eager_cl     200 --model imagenet "${IMAGENET_WORK[@]}" --channels-last on "${NOEM[@]}"
+step cifar10_k40_early     120 --model cifar10 --votes 40 "${K40_WORK[@]}" --channels-last on --no-reference
+step digits_k40_early       60 --model digits --votes 40 "${K40_WORK[@]}" --no-reference
+step cifar10_eager_nocl    100 --model cifar10 "${CIFAR_WORK[@]}" --channels-last off "${NOEM[@]}"
+step cifar10_compiled_cl   180 --model cifar10 "${CIFAR_WORK[@]}" "${CIFAR_COMPILED[@]}" --channels-last on --compile "${NOEM[@]}"
+step imagenet_compiled_cl  300 --model imagenet "${IMAGENET_WORK[@]}" "${IMAGENET_COMPILED[@]}" --channels-last on --compile "${NOEM[@]}"
 
 log "done: $(wc -l <"$RESULTS") result line(s), $FAILED failed step(s); results in $RESULTS"

@@ -71,11 +71,33 @@ class Holder:
     host: str
     pid: int
     run_id: str
+    boot: str = ""
+    """The host's boot id: with the host name, tells that a lease was taken on this very machine
+    since it booted, so that its process can be checked directly."""
 
     @classmethod
     def current(cls, run_id: str) -> "Holder":
         """This process."""
-        return cls(host=socket.gethostname(), pid=os.getpid(), run_id=run_id)
+        return cls(host=socket.gethostname(), pid=os.getpid(), run_id=run_id, boot=boot_id())
+
+
+def boot_id() -> str:
+    """This machine's boot id (Linux), or "" where there is none."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,13 @@ class LeaseInfo:
     heartbeat_at: float
     stale_after_s: float
     format: str = LOCK_FORMAT
+    boot: str = ""
+
+    def holder_gone(self) -> bool:
+        """The holder ran on this machine, since its last boot, and its process has exited (a
+        killed driver resubmitted on the same head node): its lease protects nothing any more.
+        Conservative: any doubt (another machine, no boot id, the pid reused) counts as alive."""
+        return bool(self.boot) and self.boot == boot_id() and self.host == socket.gethostname() and not _process_alive(self.pid)
 
     def age(self, now: float | None = None) -> float:
         """Seconds since the last heartbeat (never negative, whatever the clocks say)."""
@@ -118,7 +147,7 @@ class LeaseInfo:
             return cls(
                 host=str(doc["host"]), pid=int(doc["pid"]), run_id=str(doc["run_id"]), token=str(doc["token"]),
                 started_at=float(doc["started_at"]), heartbeat_at=float(doc["heartbeat_at"]),
-                stale_after_s=float(doc["stale_after_s"]),
+                stale_after_s=float(doc["stale_after_s"]), boot=str(doc.get("boot", "")),
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -140,7 +169,7 @@ def lease_state(run_uri: str, stale_after_s: float | None = None) -> tuple[Lease
     info = LeaseInfo.from_bytes(current.data)
     if info is None:
         return "stale", None
-    return ("stale" if info.is_stale(stale_after_s) else "held"), info
+    return ("stale" if info.is_stale(stale_after_s) or info.holder_gone() else "held"), info
 
 
 class RunLock:
@@ -202,7 +231,7 @@ class RunLock:
         uri = lock_uri(run_uri)
         now = time.time()
         info = LeaseInfo(
-            host=holder.host, pid=holder.pid, run_id=holder.run_id, token=uuid.uuid4().hex,
+            host=holder.host, pid=holder.pid, run_id=holder.run_id, token=uuid.uuid4().hex, boot=holder.boot,
             started_at=now, heartbeat_at=now, stale_after_s=float(stale_after_s),
         )
         data = info.to_bytes()
@@ -214,7 +243,7 @@ class RunLock:
                 version = storage.create_exclusive(uri, data)
             else:
                 previous = LeaseInfo.from_bytes(current.data)
-                if previous is not None and not previous.is_stale(stale_after_s) and not force:
+                if previous is not None and not previous.is_stale(stale_after_s) and not previous.holder_gone() and not force:
                     raise LeaseHeldError(
                         f"{run_uri} is held by {previous.describe()}; wait for it to finish, "
                         "or pass --force-unlock once it is gone"
@@ -222,7 +251,8 @@ class RunLock:
                 version = storage.replace_if_match(uri, data, current.version)
                 if version is not None and log is not None:
                     what = "a damaged lease" if previous is None else (
-                        f"the {'live' if not previous.is_stale(stale_after_s) else 'stale'} lease of {previous.describe()}"
+                        f"the {'stale' if previous.is_stale(stale_after_s) else 'orphaned' if previous.holder_gone() else 'live'} "
+                        f"lease of {previous.describe()}" + (" (its process has exited)" if previous.holder_gone() else "")
                     )
                     log(f"took over {what} on {run_uri}")
             if version is None:
@@ -286,7 +316,7 @@ class RunLock:
         """Name the run in the lease (once the driver knows it) and renew at once."""
         with self._mutex:
             self._info = LeaseInfo(**{**asdict(self._info), "run_id": run_id})
-            self.holder = Holder(self.holder.host, self.holder.pid, run_id)
+            self.holder = Holder(self.holder.host, self.holder.pid, run_id, self.holder.boot)
         if not self.renew():
             self.check()
 

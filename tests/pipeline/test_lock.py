@@ -187,3 +187,23 @@ def test_context_manager_releases(run_uri: str) -> None:
     with RunLock.acquire(run_uri, holder("a"), stale_after_s=60):
         assert lease_state(run_uri)[0] == "held"
     assert lease_state(run_uri)[0] == "none"
+
+
+def test_a_lease_whose_process_has_exited_on_this_machine_is_taken_over(tmp_path):
+    """A driver SIGKILLed and resubmitted on the same node need not wait for the lease to go stale."""
+    import subprocess
+    import sys
+
+    from pipeline.lock import Holder, RunLock, lease_state
+
+    run = str(tmp_path / "run")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    me = Holder.current("first")
+    first = RunLock.acquire(run, Holder(me.host, pid, "first", me.boot), stale_after_s=600, heartbeat=False)
+    assert lease_state(run)[0] == "stale"
+    messages: list[str] = []
+    second = RunLock.acquire(run, Holder.current("second"), stale_after_s=600, log=messages.append, heartbeat=False)
+    assert any("process has exited" in m for m in messages)
+    assert second.release()
+    assert not first.release()  # not ours any more: nothing deleted

@@ -48,9 +48,10 @@ def test_a_corrupt_image_fails_the_run_naming_the_image(tmp_path, ray_driver):
     data = tmp_path / "images.parquet"
     pd.DataFrame({"image": [png(0), png(255), b"\x89PNG broken"], "label": [0, 1, 2]}).to_parquet(data)
     config = tiny(tmp_path / "run", data=f"parquet:{data}", methods=["cohen"], every=1, workers=1)
+    # Found in preflight, before Ray starts or anything is written: not after compute was spent.
     with pytest.raises(UserError, match="image_id=2"):
         certify_run(config, log=quiet)
-    assert RunDir(config.out).read_manifest().status == "failed"
+    assert not RunDir(config.out).has_manifest()
 
 
 def test_sigterm_stops_the_run_cleanly_and_keeps_finished_units(tmp_path, ray_driver):
