@@ -37,7 +37,7 @@ class Aggregator:
     resume (draws are deterministic, so it comes back identical).
     """
 
-    def __init__(self, run: RunDir, done: set[str], flush_units: int = 64, flush_seconds: float = 5.0,
+    def __init__(self, run: RunDir, done: set[str], flush_units: int = 1024, flush_seconds: float = 5.0,
                  before_write: Callable[[], None] | None = None):
         self.run = run
         # Raises when this driver may no longer write the folder (its lease was taken over).

@@ -91,6 +91,7 @@ def read_manifest(run: str) -> Manifest:
     """The run's manifest; UserError if ``run`` is not a run folder of this version or cannot be read."""
     rundir = RunDir(run)
     with _reading(run):
+        storage.check_reachable(run)  # a dead endpoint: one line in seconds, not after every retry's backoff
         if not rundir.has_manifest():
             raise UserError(
                 f"{run} has no manifest.json; pass a run folder written by densepure (a local path or s3://bucket/prefix)"

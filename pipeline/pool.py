@@ -32,6 +32,9 @@ _INFLIGHT_PER_ACTOR = 2
 _TICK_SECONDS = 0.5
 # How far down the queue a call looks for more units with the same spec.
 _PACK_LOOKAHEAD = 512
+MIN_CALL_DRAWS = 256
+"""A call packs units of one spec up to max(--chunk, this) draws: small units (early sequential
+rounds, tiny chunks) share a call and its network batches; big ones still run one per call."""
 # Without --max-workers only an autoscaler reacting to pending actors could bring a GPU.
 _GPU_WAIT_WITHOUT_AUTOSCALER = 30.0
 
@@ -181,7 +184,7 @@ class ElasticPool:
         self.fixed_workers = workers
         self.max_workers = max_workers
         self.policy = RetryPolicy(max_retries)
-        self.call_draws = max(1, int(call_draws))
+        self.call_draws = max(MIN_CALL_DRAWS, int(call_draws))
         self.gpu = use_gpu_actors(spec.device, max_workers) if gpu is None else gpu
         self.gpu_wait = gpu_wait if max_workers is not None else min(gpu_wait, _GPU_WAIT_WITHOUT_AUTOSCALER)
         resources = {"num_gpus": 1, "num_cpus": 1} if self.gpu else {"num_cpus": self._cpus_per_cpu_actor()}

@@ -82,15 +82,26 @@ def read_flags(config: RunConfig) -> dict | None:
         raise UserError(f"cannot read model flags {path}: {first_line(exc)}") from None
 
 
+def _absolute(source: str | None) -> str | None:
+    """``scheme:relative/path`` -> ``scheme:/absolute/path`` when the path exists here: workers run
+    in other directories (and a cluster's nodes on this machine's paths only if absolute)."""
+    if not source:
+        return source
+    scheme, sep, rest = source.partition(":")
+    if sep and "://" not in source and rest and os.path.exists(rest):
+        return f"{scheme}:{os.path.abspath(rest)}"
+    return source
+
+
 def model_spec(config: RunConfig, flags: dict | None) -> ModelSpec:
     """What each worker loads."""
     from workers.models import pin_source
 
     return ModelSpec(
-        dataset=config.data,
+        dataset=_absolute(config.data),
         # A Hub id is pinned to the commit it resolves to now: every worker loads the same files.
-        classifier=pin_source(config.classifier),
-        denoiser=pin_source(config.denoiser),
+        classifier=_absolute(pin_source(config.classifier)),
+        denoiser=_absolute(pin_source(config.denoiser)),
         model_flags=flags if config.model_flags else None,
         device=config.device,
         batch_size=config.batch_size,

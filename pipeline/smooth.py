@@ -12,14 +12,13 @@ It runs exactly the code a ``densepure certify`` run runs for one image: draw se
 ``Smooth(f, C, sigma, method=m, votes=K, steps=b, seed=s).certify(x, n0, n, alpha, B,
 image_id=i)`` returns the prediction and radius of the row (image i, sigma, m, K, b) of a run
 with ``--seed s --n0 n0 --n n --alpha alpha --batch-size B --precision fp32`` (the default
-precision here) whose ``--chunk`` is at least n and whose largest ``--votes`` is K. (The k-vote
-rows of a run with several K are the first k of max(K) votes of each draw, whose reverse-process
-noise is drawn for max(K) votes; and smaller chunks group the draws into other batches, which
-may change floating-point results in the last bit.)
+precision here), whatever its ``--chunk`` and whatever other K it reports (each vote has its own
+random stream, and every network call has exactly B rows, so neither changes a single draw).
 
 Unlike Cohen's code, which draws from torch's global random state, every draw here has its own
-seed: the same call returns the same result every time, whatever the batch size. For
-independent repetitions, change ``seed`` (or ``image_id``).
+seed: the same call returns the same result every time (bit for bit at the same batch size;
+another batch size may change floating-point results in the last bit). For independent
+repetitions, change ``seed`` (or ``image_id``).
 """
 
 from __future__ import annotations

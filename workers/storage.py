@@ -234,7 +234,7 @@ def _s3_user_error(exc: Exception, uri: str, settings: S3Settings) -> Exception:
         )
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)):
         return UserError(
-            f"cannot reach S3 endpoint {where}: {first_line(exc)}; check AWS_ENDPOINT_URL / network"
+            f"cannot reach S3 endpoint {where} for {uri}: {first_line(exc)}; check AWS_ENDPOINT_URL / network"
         )
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -838,6 +838,27 @@ def check_access(uri: str) -> None:
         if translated is exc:
             raise UserError(
                 f"S3 preflight for {uri} at {settings.display_endpoint} failed: {first_line(exc)}; "
+                "check AWS_ENDPOINT_URL, credentials and the URI"
+            ) from exc
+        raise translated from exc
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, with one line, when the S3 endpoint or bucket of ``uri`` cannot be reached
+    (HeadBucket with one retry); a no-op for local paths. Run before a read-only command's
+    first request, so that a dead endpoint costs seconds instead of every retry's backoff."""
+    if not is_s3(uri):
+        return
+    settings = s3_settings()
+    bucket, _ = _split_s3(uri)
+    client = _new_client(settings, connect_timeout=5, read_timeout=10, attempts=2)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as exc:  # botocore raises many unrelated types
+        translated = _s3_user_error(exc, uri, settings)
+        if translated is exc:
+            raise UserError(
+                f"cannot read {uri} at {settings.display_endpoint}: {first_line(exc)}; "
                 "check AWS_ENDPOINT_URL, credentials and the URI"
             ) from exc
         raise translated from exc

@@ -17,6 +17,7 @@ import torch
 
 from workers.contract import ModelSpec, UnitRecord, WorkUnit
 from workers.engine import CountJob, Engine
+from workers.errors import UserError
 from workers.purify import PurifySpec
 
 
@@ -76,13 +77,24 @@ class CertifyWorker:
 
         torch.set_grad_enabled(False)
         self.spec = spec
-        self.dataset = load_dataset(spec.dataset)
-        self.engine = build_engine(spec, tuple(self.dataset.image_shape))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # A problem the user can fix (a path this node cannot see, a model it cannot load) is
+        # reported by the first call, as that call's error, so that the driver stops the run
+        # with its one-line message instead of replacing a worker that would die the same way.
+        self._init_error: UserError | None = None
+        try:
+            self.dataset = load_dataset(spec.dataset)
+            self.engine = build_engine(spec, tuple(self.dataset.image_shape))
+        except UserError as exc:
+            self._init_error = exc
 
     def ready(self) -> str:
         """Returns once the models are loaded (actor construction is asynchronous in Ray)."""
+        if self._init_error is not None:
+            raise self._init_error
         return self.name
 
     def run(self, units: Sequence[WorkUnit]) -> list[UnitRecord]:
+        if self._init_error is not None:
+            raise UserError(f"worker {self.name}: {self._init_error}")
         return run_units(self.engine, lambda i: self.dataset.get(i)[0], units, self.name)

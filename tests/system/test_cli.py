@@ -74,9 +74,30 @@ def wrong_checkpoint(tmp_path_factory) -> Path:
     ],
 )
 def test_certify_rejects_bad_input_in_one_line_and_writes_nothing(tmp_path, args, needles):
+    """In-process (click's runner) for speed; the same command and error path as a subprocess,
+    which ``test_bad_input_in_a_subprocess`` checks for a few of these cases."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
     out = tmp_path / "run"
-    result = densepure("certify", "--out", str(out), "--no-progress", *args)
-    assert_one_line_error(result, *needles)
+    result = CliRunner().invoke(main, ["certify", "--out", str(out), "--no-progress", *args])
+    assert result.exit_code == 2, (result.output, result.exception)
+    err = result.stderr.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--sigmas", "0"], ["sigma must be a positive number"]),
+    (["--data", "cifar10:/nope/test_batch"], ["/nope/test_batch"]),
+    (["--sigmas", "0.012", "--steps", "10"], ["use --steps <= 3"]),
+])
+def test_bad_input_in_a_subprocess(tmp_path, args, needles):
+    out = tmp_path / "run"
+    assert_one_line_error(densepure("certify", "--out", str(out), "--no-progress", *args), *needles)
     assert not out.exists()
 
 
