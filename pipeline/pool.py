@@ -12,6 +12,7 @@ fails the run with the underlying error when one unit fails the same way ``max_r
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import time
@@ -301,6 +302,7 @@ class ElasticPool:
                     on_tick()
         finally:
             self.shutdown()
+            _settle(list(inflight))
 
     def _lose_actor(self, name: str, exc: Exception, queue: UnitQueue, inflight: dict, call: list[WorkUnit]) -> None:
         """An actor (or its node) died: requeue everything it held; a replacement comes at the next tick."""
@@ -314,9 +316,23 @@ class ElasticPool:
         queue.put_front(requeue)
 
     def shutdown(self) -> None:
+        """Kill every actor (their in-flight calls fail; see ``_settle``)."""
         for actor in self._actors.values():
             try:
                 ray.kill(actor.handle)
             except Exception:  # already dead
                 pass
         self._actors.clear()
+
+
+def _settle(refs: list[Any], timeout: float = 2.0) -> None:
+    """Fetch and drop the errors of calls abandoned when a run ends early (an error, Ctrl-C), so
+    that Ray does not print each one as an "Unhandled error" traceback after the run's own
+    one-line message."""
+    if not refs:
+        return
+    with contextlib.suppress(Exception):
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for ref in done:
+            with contextlib.suppress(Exception):
+                ray.get(ref)

@@ -224,8 +224,8 @@ def _open_run(config: RunConfig, log: Log, models: dict[str, Any]) -> tuple[RunD
         return run, None
     if config.overwrite:
         # clear() refuses a folder whose manifest is not ours, and deletes only our files.
-        log(f"--overwrite: removing the previous run at {config.out}")
-        run.clear()
+        removed = run.clear()
+        log(f"--overwrite: removed the previous run at {config.out} ({len(removed)} files of densepure's)")
         return run, None
     previous = run.read_manifest()
     diff = _result_differences(previous, config, models)
@@ -260,6 +260,11 @@ def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = N
     """
     started = time.time()
     images, models, flags = preflight(config, log)
+    existing = RunDir(config.out)
+    if existing.has_manifest():
+        # A folder that is not a run of ours (or whose manifest is damaged) is refused before the
+        # lease writes anything into it.
+        existing.require_ours() if config.overwrite else existing.read_manifest()
     lock = RunLock.acquire(config.out, Holder.current(run_id=""), stale_after_s=config.lease_timeout,
                            force=config.force_unlock, log=log)
     try:

@@ -169,6 +169,15 @@ class RunDir:
         """The parsed manifest.json as it is, ours or not (see ``pipeline.manifest.is_ours``)."""
         return storage.read_json(self.manifest_uri)
 
+    def require_ours(self) -> None:
+        """Refuse (one-line UserError) a folder whose manifest.json this project did not write;
+        run before anything (the lease included) is written into it."""
+        if not is_ours(self.read_manifest_data()):
+            raise UserError(
+                f"{self.manifest_uri} was not written by densepure: --overwrite only replaces densepure runs; "
+                "choose another --out"
+            )
+
     def write_manifest(self, manifest: Manifest) -> None:
         storage.write_json(self.manifest_uri, manifest.to_dict())
 
@@ -343,12 +352,7 @@ class RunDir:
         itself); with ``keep_lock=False`` a stale or damaged ``lock.json`` goes too, and a live
         driver's lease is refused with LeaseHeldError.
         """
-        data = self.read_manifest_data()
-        if not is_ours(data):
-            raise UserError(
-                f"{self.manifest_uri} was not written by densepure: --overwrite only replaces densepure runs; "
-                "choose another --out"
-            )
+        self.require_ours()
         top = {MANIFEST, TABLE, PLOT, *LOG_FILES}
         doomed: list[str] = []
         for entry in storage.list_entries(self.uri, recursive=True, include_hidden=True):

@@ -33,6 +33,7 @@ Design notes (the *why*):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -323,10 +324,17 @@ def atomic_writer(uri: str) -> Iterator[IO[bytes]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _FULL_OR_READ_ONLY:
+            raise UserError(f"cannot write {uri}: {os.strerror(exc.errno)}; free space (or fix the "
+                            f"mount) and run the same command again to resume") from exc
         raise
+
+
+# A full disk, an exhausted quota or a read-only mount: the user's to fix, not a bug.
+_FULL_OR_READ_ONLY = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -603,11 +611,10 @@ def move(src: str, dst: str) -> None:
 # embed a unique token in the bytes can tell, by reading the object back, that the write was
 # theirs (the run lease does).
 #
-# Locally: every operation holds an exclusive flock on a hidden guard file beside the object
-# (``.NAME.guard``; reads take it shared), and a create also goes through os.link, which fails
-# if the name exists, so even without working flock two creators cannot both win. The guard
-# file stays: deleting it while another process waits on its lock would hand the two of them
-# different lock files.
+# Locally: every operation holds an exclusive flock on the object's directory itself (reads
+# take it shared), so no guard file is ever left beside a user's files, and a create also goes
+# through os.link, which fails if the name exists, so even without working flock two creators
+# cannot both win.
 
 
 @dataclass(frozen=True)
@@ -637,10 +644,9 @@ def _local_version(data: bytes) -> str:
 @contextlib.contextmanager
 def _guard(path: str, exclusive: bool = True) -> Iterator[None]:
     """Hold the guard lock of the local file ``path`` (see the notes above)."""
-    directory, name = os.path.split(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    guard = os.path.join(directory, f".{name}.guard")
-    fd = os.open(guard, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield

@@ -26,7 +26,12 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no GPU is visible to this worker")
+        # In a GPU actor: the node advertises GPUs to Ray but CUDA sees none, a driver or
+        # CUDA_VISIBLE_DEVICES problem of the node that no retry would fix.
+        import socket
+
+        raise UserError(f"--device cuda, but no CUDA device is visible on {socket.gethostname()}; check the "
+                        "NVIDIA driver and CUDA_VISIBLE_DEVICES there, or pass --device cpu")
     return device
 
 

@@ -3,6 +3,8 @@ one-line errors for an output location that is a file. Local and on a real (moto
 
 from __future__ import annotations
 
+import os
+
 import threading
 
 import pyarrow as pa
@@ -46,7 +48,9 @@ def test_create_exclusive_replace_delete(base: str) -> None:
     assert storage.read_versioned(uri) is None
     assert storage.replace_if_match(uri, b"five", v3) is None  # gone: nothing to replace
     assert storage.delete_if_match(uri, v3) is False
-    assert storage.list_files(base) == []  # the local guard file is hidden
+    assert storage.list_files(base) == []
+    if not storage.is_s3(base):  # no lock or guard file is left beside the object, hidden or not
+        assert os.listdir(storage._local_path(base)) == []
 
 
 def test_create_exclusive_race_has_one_winner(base: str) -> None:
