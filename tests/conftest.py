@@ -35,8 +35,21 @@ _SYSTEM_DIR = Path(__file__).resolve().parent / "system"
 _SERVER_FIXTURES = frozenset({"s3_server", "s3_bucket", "flaky_s3", "ray_cluster", "ray_driver", "reference", "longer_reference"})
 
 
+# The longest test files (measured, 2 cores), run first: pytest-xdist hands out files in
+# collection order, and a long file handed out last keeps one process busy while the other idles.
+_LONGEST_FIRST = ("system/test_readme_byo.py", "system/test_faults_cli.py", "system/test_pipeline.py",
+                  "system/test_sequential.py", "system/test_scale.py", "system/test_early_majority.py",
+                  "system/test_elastic.py", "system/test_purify_cli.py", "workers/test_fast_path.py")
+
+
+def _order(item: pytest.Item) -> int:
+    path = Path(str(item.fspath)).as_posix()
+    return next((i for i, name in enumerate(_LONGEST_FIRST) if path.endswith(name)), len(_LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark as ``system`` what needs a server, a subprocess cluster or real jobs."""
+    """Mark as ``system`` what needs a server, a subprocess cluster or real jobs; longest files first."""
     for item in items:
         if _SYSTEM_DIR in Path(str(item.fspath)).parents or _SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.system)
+    items.sort(key=_order)  # stable: the order within a file is kept

@@ -190,7 +190,7 @@ def test_out_naming_a_file_and_bad_selection_values_are_named(tmp_path: Path) ->
 # --------------------------------------------------------------------------
 
 
-def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_completes(tmp_path, ray_env, wrapper, reference) -> None:
+def test_a_full_disk_fails_in_one_line_then_the_rerun_completes_and_heals_a_damaged_part(tmp_path, ray_env, wrapper, reference) -> None:
     out = tmp_path / "run"
     err = one_line_error(densepure("certify", "--out", str(out), "--workers", "1", *TINY_ARGS, env=ray_env,
                                    fault="disk-full", wrapper=wrapper), "No space left on device", "run the same command again")
@@ -203,6 +203,16 @@ def test_a_full_disk_fails_the_run_in_one_line_and_the_rerun_completes(tmp_path,
 
     rerun = densepure("certify", "--out", str(out), "--workers", "1", *TINY_ARGS, env=ray_env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    pd.testing.assert_frame_equal(comparable(RunDir(str(out)).read_table()), reference)
+
+    # Later a unit-log part is damaged (a truncated copy, a bad sector): the next run sets it
+    # aside, names it, recomputes its units and gives the same table.
+    damaged = sorted((out / "units").glob("*.parquet"))[0]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    again = densepure("certify", "--out", str(out), "--workers", "1", *TINY_ARGS, env=ray_env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert damaged.name in again.stderr and "quarantine" in again.stderr, again.stderr[-3000:]
+    assert any(p.name.startswith(damaged.name) for p in (out / "units" / "quarantine").iterdir())
     pd.testing.assert_frame_equal(comparable(RunDir(str(out)).read_table()), reference)
 
 
@@ -237,22 +247,6 @@ def test_a_gpu_node_without_a_visible_cuda_device_is_one_line(tmp_path, ray_env)
     one_line_error(densepure("certify", "--out", str(out), "--device", "cuda", "--workers", "1", *TINY_ARGS, env=ray_env),
                    "--device cuda, but no CUDA device is visible", "--device cpu")
     assert RunDir(str(out)).read_manifest().status == "failed"
-
-
-def test_a_damaged_unit_log_part_is_set_aside_and_its_units_recomputed(tmp_path, ray_env, reference) -> None:
-    out = tmp_path / "run"
-    first = densepure("certify", "--out", str(out), "--workers", "1", *TINY_ARGS, env=ray_env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    parts = sorted((out / "units").glob("*.parquet"))
-    assert parts
-    damaged = parts[0]
-    damaged.write_bytes(damaged.read_bytes()[: len(damaged.read_bytes()) // 2])
-
-    rerun = densepure("certify", "--out", str(out), "--workers", "1", *TINY_ARGS, env=ray_env)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert damaged.name in rerun.stderr and "quarantine" in rerun.stderr, rerun.stderr[-3000:]
-    assert any(p.name.startswith(damaged.name) for p in (out / "units" / "quarantine").iterdir())
-    pd.testing.assert_frame_equal(comparable(RunDir(str(out)).read_table()), reference)
 
 
 def test_two_drivers_started_together_never_mix_their_tables(tmp_path, ray_cluster, ray_driver, longer_reference) -> None:

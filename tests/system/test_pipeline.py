@@ -115,6 +115,10 @@ def test_driver_killed_mid_run_then_rerun_gives_the_same_table(tmp_path, ray_clu
     partial = RunDir(str(out)).read_units()
     total = LONGER_UNITS
     assert 0 < len(partial) < total and not RunDir(str(out)).has_table()
+    # The manifest still says running; status knows better (the lease's holder is gone).
+    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", str(out)], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert status.returncode == 0 and "stale (driver lost?)" in status.stdout and "none (no live driver)" in status.stdout, status.stdout
 
     rerun = subprocess.run(cmd, env=_job_env(ray_cluster), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
