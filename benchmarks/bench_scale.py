@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         result.update(units=local["units"], units_per_s=local["units_per_s"], parts=local["parts"],
                       resume_s_local=local["resume_s"], seconds_local=local["seconds"])
         if not args.skip_s3:
+            import logging
+
             from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
             server.start()
