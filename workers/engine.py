@@ -183,8 +183,9 @@ class Engine:
       network evaluation (``Purifier``);
     - ``count_many`` packs the draws of several jobs with the same spec (e.g. small sequential
       rounds of several images) into the same batches, so small jobs do not run half-empty batches;
-    - ``early_majority`` (default on) computes a draw's votes in waves and stops once every
-      reported prefix k is settled (``workers/votes.py``): exact, the counts are those of all votes;
+    - ``early_majority`` (default on) computes K // 2 + 1 votes of each draw, then the rest only
+      for draws with a reported prefix k not yet settled (``workers/votes.py``): exact, the counts
+      are those of all votes;
     - ``precision`` bf16/fp16 runs the networks under autocast (GroupNorm stays fp32); ``auto``
       picks bf16 where the hardware computes it natively (``resolve_precision``); ``compile`` wraps
       both networks in ``torch.compile`` (fixed batch shapes: one compilation);
@@ -397,10 +398,12 @@ class Engine:
                          vote_counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Labels (D, K) of the votes computed (-1 for the others) and how many each draw got.
 
-        Votes are computed as prefixes, in waves: first as many as would settle every prefix if
-        they agreed, then, for draws still undecided, the fewest more that could settle them;
-        waves are widened to at least a full network batch, since padding would cost the same.
-        Without early majority, one wave of all K votes.
+        Votes are computed as prefixes, in at most two waves: first K // 2 + 1 (enough to settle
+        every prefix if they agree), then all K for the draws still undecided. Which votes a draw
+        gets depends on its own votes only, never on the draws it shares a batch with, so the
+        votes computed (and the unit log's costs) are the same however draws are packed into
+        calls and batches; the counts are the same as with every vote computed. Without early
+        majority, one wave of all K votes.
         """
         D, K = x_t.shape[0], purifier.spec.votes
         B = int(self.batch_size)  # type: ignore[arg-type]
@@ -410,7 +413,6 @@ class Engine:
         computed = torch.zeros(D, dtype=torch.int64, device=self.device)
         target = torch.full((D,), min(K, K // 2 + 1) if self.early_majority else K, dtype=torch.int64, device=self.device)
         while True:
-            target = _widen(computed, target, K, B)
             draw_idx = torch.repeat_interleave(torch.arange(D, device=self.device), target - computed)
             if draw_idx.numel() == 0:
                 break
@@ -427,8 +429,8 @@ class Engine:
             computed = target.clone()
             if not self.early_majority:
                 break
-            target = torch.minimum(computed + more_votes_needed(labels, computed, vote_counts, self.num_classes),
-                                   torch.full_like(computed, K))
+            undecided = more_votes_needed(labels, computed, vote_counts, self.num_classes) > 0
+            target = torch.where(undecided, torch.full_like(computed, K), computed)
         return labels, computed
 
     def _tally(self, labels: torch.Tensor, computed: torch.Tensor, forwards: torch.Tensor, who: np.ndarray,
@@ -484,21 +486,6 @@ class Engine:
             _check_finite(x0, spec, "purified images")
             outs.append((x0 + 1.0) / 2.0)
         return torch.cat(outs)
-
-
-def _widen(computed: torch.Tensor, target: torch.Tensor, K: int, batch: int) -> torch.Tensor:
-    """Targets of a wave, widened (doubling each undecided draw's new votes) until the wave fills at
-    least one network batch or every undecided draw gets all K votes: padding rows cost as much."""
-    target = torch.maximum(target, computed)
-    while True:
-        new = target - computed
-        total = int(new.sum())
-        if total == 0 or total >= batch:
-            return target
-        wider = torch.where(new > 0, torch.minimum(computed + 2 * new, torch.full_like(target, K)), target)
-        if torch.equal(wider, target):
-            return target
-        target = wider
 
 
 def _check_finite(values: torch.Tensor, spec: PurifySpec, what: str) -> None:
