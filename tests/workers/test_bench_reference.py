@@ -54,5 +54,6 @@ def test_reference_counts_and_merge() -> None:
     # Ties go to the label seen first in vote order, as in merge_results.py.
     assert ref.merge([np.array([2, 0]), np.array([1, 1]), np.array([0, 2])]).tolist() == [1, 0, 1]
     assert ref.forwards_per_draw == 6
-    eng = Engine(Classifier(ToyClassifier(), 3), den)
+    # Every vote computed: 1 + K(b - 1) forwards per draw against the reference's K b.
+    eng = Engine(Classifier(ToyClassifier(), 3), den, early_majority=False)
     assert eng.count(torch.rand(1, 8, 8), PurifySpec("densepure", 0.25, 2, 3), list(range(10))).unet_forwards == 10 * 4
