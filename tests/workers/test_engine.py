@@ -21,11 +21,14 @@ def digits():
     return load_dataset("digits"), load_classifier("digits"), load_denoiser("digits")
 
 
-def test_packing_several_units_gives_the_counts_of_one_unit_at_a_time(digits):
+@pytest.mark.parametrize("votes, vote_counts", [(4, [1, 4]), (40, [1, 5, 10, 20, 40])])
+def test_packing_several_units_gives_the_counts_of_one_unit_at_a_time(digits, votes, vote_counts):
+    """Counts and costs (votes computed, forwards) of a unit are the same alone or packed with
+    others: which votes early majority computes depends on a draw's own votes only."""
     data, classifier, denoiser = digits
     engine = Engine(classifier, denoiser, batch_size=64, precision="fp32")
-    spec = PurifySpec("densepure", 0.5, steps=2, votes=4)
-    jobs = [CountJob(data.get(i)[0], spec, draw_seeds(0, i, 0.5, "estimate", 10 * i, 23 + i), [1, 4]) for i in range(4)]
+    spec = PurifySpec("densepure", 0.5, steps=2, votes=votes)
+    jobs = [CountJob(data.get(i)[0], spec, draw_seeds(0, i, 0.5, "estimate", 10 * i, 23 + i), vote_counts) for i in range(4)]
     jobs.append(CountJob(data.get(9)[0], PurifySpec("dds", 0.5), draw_seeds(0, 9, 0.5, "estimate", 0, 30), [1]))
     together = engine.count_many(jobs)
     for job, packed in zip(jobs, together):
