@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/certify_digits.py --out s3://bucket/runs/digits
 
 Without a running cluster it starts a local Ray instance by itself. Sized to finish in about
-1.5 minutes on 2 CPU cores; its defaults are configs/presets/digits.yaml, and every option of
+3 minutes on 2 CPU cores; its defaults are configs/presets/digits.yaml, and every option of
 ``densepure certify`` applies (see --help).
 """
 
