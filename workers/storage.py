@@ -840,13 +840,7 @@ def check_access(uri: str) -> None:
         client.put_object(Bucket=bucket, Key=probe_key, Body=b"")
         client.delete_object(Bucket=bucket, Key=probe_key)
     except Exception as exc:  # botocore raises many unrelated types
-        translated = _s3_user_error(exc, uri, settings)
-        if translated is exc:
-            raise UserError(
-                f"S3 preflight for {uri} at {settings.display_endpoint} failed: {first_line(exc)}; "
-                "check AWS_ENDPOINT_URL, credentials and the URI"
-            ) from exc
-        raise translated from exc
+        raise _probe_error(exc, uri, settings, f"S3 preflight for {uri} at {settings.display_endpoint} failed") from exc
 
 
 def check_reachable(uri: str) -> None:
@@ -861,13 +855,16 @@ def check_reachable(uri: str) -> None:
     try:
         client.head_bucket(Bucket=bucket)
     except Exception as exc:  # botocore raises many unrelated types
-        translated = _s3_user_error(exc, uri, settings)
-        if translated is exc:
-            raise UserError(
-                f"cannot read {uri} at {settings.display_endpoint}: {first_line(exc)}; "
-                "check AWS_ENDPOINT_URL, credentials and the URI"
-            ) from exc
-        raise translated from exc
+        raise _probe_error(exc, uri, settings, f"cannot read {uri} at {settings.display_endpoint}") from exc
+
+
+def _probe_error(exc: Exception, uri: str, settings: S3Settings, what: str) -> Exception:
+    """The one-line error of a failed probe request: the specific one ``_s3_user_error`` knows
+    (no such bucket, access denied, ...), else ``what`` with the cause and where to look."""
+    translated = _s3_user_error(exc, uri, settings)
+    if translated is not exc:
+        return translated
+    return UserError(f"{what}: {first_line(exc)}; check AWS_ENDPOINT_URL, credentials and the URI")
 
 
 # --------------------------------------------------------------------------
