@@ -116,8 +116,7 @@ def table_from_units(units: pd.DataFrame, config: dict[str, Any] | RunConfig) ->
         group = GroupState(cfg, int(image_id), int(col["label"][idx[0]]), float(sigma), str(method), looks,
                            sequential_plan(cfg, float(sigma)))
         for i in idx:
-            group.add(col["unit_id"][i], col["phase"][i], int(col["start"][i]), int(col["num_draws"][i]),
-                      np.array([np.asarray(c, dtype=np.int64) for c in counts[i]]))
+            group.add(col["unit_id"][i], col["phase"][i], int(col["start"][i]), int(col["num_draws"][i]), counts[i])
         group.advance()
         if not group.finished:
             continue

@@ -17,7 +17,7 @@ and by ``pipeline.aggregate`` to rebuild the table.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -101,12 +101,14 @@ class GroupState:
     def select_units(self) -> list[WorkUnit]:
         return [self._unit("select", s, c) for s, c in _chunks(0, self.config.n0, self.config.chunk)]
 
-    def add(self, unit_id: str, phase: str, start: int, num_draws: int, counts: np.ndarray) -> None:
+    def add(self, unit_id: str, phase: str, start: int, num_draws: int, counts: Any) -> None:
         """Take a logged unit of this group (a unit already taken is ignored)."""
         if unit_id in self.logged:
             return
         self.logged.add(unit_id)
-        counts = np.asarray(counts, dtype=np.int64)
+        # Row by row: the unit log hands back one array per vote prefix (an object array, or
+        # lists), which np.asarray alone cannot stack.
+        counts = np.array([np.asarray(c, dtype=np.int64) for c in counts], dtype=np.int64)
         if phase == "select":
             self.select_draws += int(num_draws)
             self.counts0 = counts if self.counts0 is None else self.counts0 + counts

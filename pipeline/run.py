@@ -244,13 +244,7 @@ def _replay(groups: dict[GroupKey, GroupState], logged: pd.DataFrame) -> None:
     for image_id, sigma, method, unit_id, phase, start, num_draws, counts in zip(*columns):
         group = groups.get(group_key(image_id, sigma, method))
         if group is not None:
-            group.add(unit_id, phase, start, num_draws, _counts(counts))
-
-
-def _counts(counts: Any) -> Any:
-    import numpy as np
-
-    return np.array([np.asarray(c, dtype=np.int64) for c in counts], dtype=np.int64)
+            group.add(unit_id, phase, start, num_draws, counts)
 
 
 def certify_run(config: RunConfig, log: Log = print, ray_address: str | None = None) -> RunSummary:
@@ -363,7 +357,7 @@ def _compute(config: RunConfig, run: RunDir, groups: dict[GroupKey, GroupState],
             if not aggregator.add(record):
                 continue
             group = groups[group_key(record.image_id, record.sigma, record.method)]
-            group.add(record.unit_id, record.phase, record.start, record.num_draws, _counts(record.counts))
+            group.add(record.unit_id, record.phase, record.start, record.num_draws, record.counts)
             was_finished = group.finished
             queue.put_front(group.advance())
             progress.update(record, group.finished and not was_finished, pool.num_workers)
