@@ -1,14 +1,14 @@
 """Simulated estimation draws of fixed-n against sequential CERTIFY on the paper's protocols.
 
     python benchmarks/simulate_sequential.py [--trials 20] [--images 100] [--seed 0] [--json]
-        [--first 100] [--growth 1.5] [--pa-file FILE] [--protocols cifar10,imagenet,targets]
+        [--first 100] [--growth 1.5] [--futility 0.05] [--pa-file FILE] [--protocols cifar10,imagenet,targets]
 
 No model is run: each image gets a probability p_A that a noisy draw votes for its true class,
 and the estimation draws are Bernoulli(p_A). Both modes see the *same* draws (the sequential
 row reads a prefix of the fixed row's draws), so their difference is the stopping rule alone:
 
 - fixed: n draws, Cohen's bound ``pipeline.stats.lower_confidence_bound`` at alpha;
-- sequential: the looks of ``SequentialPlan.make(n, alpha, sigma, radii, first, growth)``,
+- sequential: the looks of ``SequentialPlan.make(n, alpha, sigma, radii, first, growth, futility)``,
   stopping at the first look where ``should_stop`` holds, bound ``lower_bound_at_look`` there.
 
 An image is "certified correct at r" when its row's bound reaches Phi(r / sigma) (the row counts
@@ -22,13 +22,17 @@ given values instead, the same in every trial (only the draws change).
 
 Reported per protocol (sums over trials): estimation draws fixed and sequential, their ratio,
 certified accuracy at each radius for both, and the largest per-trial deficit of sequential
-against fixed in images per 100. ``--first``/``--growth`` accept comma-separated lists: every
-pair is simulated (this is how the defaults FIRST_LOOK and GROWTH were chosen).
+against fixed in images per 100. ``ratio_clairvoyant_futility`` bounds what any futility rule
+could add to this look schedule and bound: every image stops at the first look whose bound
+reaches the largest radius the fixed run certifies on the same draws, as if it knew that outcome. ``--first``/``--growth``/``--futility`` accept comma-separated
+lists: every combination is simulated (this is how the defaults FIRST_LOOK, GROWTH and FUTILITY
+were chosen).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -44,6 +48,7 @@ import numpy as np  # noqa: E402
 
 from pipeline.sequential import (  # noqa: E402
     FIRST_LOOK,
+    FUTILITY,
     GROWTH,
     SequentialPlan,
     certifiable_within_budget,
@@ -119,16 +124,17 @@ def _memo(func: Callable[[int, int], Any]) -> Callable[[int, int], Any]:
     return wrapped
 
 
-def simulate(proto: Protocol, first: int, growth: float, pas: list[np.ndarray], rng: np.random.Generator) -> dict[str, Any]:
+def simulate(proto: Protocol, first: int, growth: float, futility: float, pas: list[np.ndarray],
+             rng: np.random.Generator) -> dict[str, Any]:
     """Simulate ``proto`` once per p_A vector in ``pas`` (one trial each), draws from ``rng``."""
-    plan = SequentialPlan.make(proto.budget, proto.alpha, proto.sigma, proto.radii, first, growth)
+    plan = SequentialPlan.make(proto.budget, proto.alpha, proto.sigma, proto.radii, first, growth, futility)
     thresholds = np.array(plan.thresholds)
     looks = np.array(plan.looks)
     stop = _memo(lambda n_a, n: should_stop([n_a], n, plan))
     seq_bound = _memo(lambda n_a, n: lower_bound_at_look(n_a, n, plan))
     fixed_bound = _memo(lambda n_a, n: lower_confidence_bound(n_a, n, proto.alpha))
 
-    draws_fixed = draws_seq = 0
+    draws_fixed = draws_seq = draws_clairvoyant = 0
     cert_fixed = np.zeros(len(proto.radii))
     cert_seq = np.zeros(len(proto.radii))
     images_total = 0
@@ -148,6 +154,17 @@ def simulate(proto: Protocol, first: int, growth: float, pas: list[np.ndarray], 
                     stop_idx[i] = j
                     break
         n_stop = looks[stop_idx]
+        # Clairvoyant futility, a bound on what any futility rule could add: each image stops at
+        # the first look whose sequential bound reaches the largest radius the fixed run
+        # certifies on the same draws (the first look if it certifies none); nothing is lost.
+        for i in range(m):
+            reached = np.flatnonzero(lf[i] >= thresholds)
+            if reached.size == 0:
+                draws_clairvoyant += int(looks[0])
+                continue
+            t = thresholds[reached[-1]]
+            j = next((j for j, n in enumerate(looks) if seq_bound(int(counts[i, j]), int(n)) >= t), len(looks) - 1)
+            draws_clairvoyant += int(looks[j])
         ls = np.array([seq_bound(int(counts[i, stop_idx[i]]), int(n_stop[i])) for i in range(m)])
         cf = (lf[:, None] >= thresholds[None, :]).sum(axis=0)
         cs = (ls[:, None] >= thresholds[None, :]).sum(axis=0)
@@ -166,12 +183,14 @@ def simulate(proto: Protocol, first: int, growth: float, pas: list[np.ndarray], 
         "radii": list(proto.radii),
         "first": first,
         "growth": growth,
+        "futility": futility,
         "looks": len(plan.looks),
         "trials": len(pas),
         "images": images_total,
         "draws_fixed_per_image": draws_fixed / images_total,
         "draws_sequential_per_image": draws_seq / images_total,
         "ratio": draws_fixed / draws_seq,
+        "ratio_clairvoyant_futility": draws_fixed / draws_clairvoyant,
         "median_stop": float(np.median(stop_looks)),
         "certified_fixed": [round(float(c / images_total), 4) for c in cert_fixed],
         "certified_sequential": [round(float(c / images_total), 4) for c in cert_seq],
@@ -187,6 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first", default=str(FIRST_LOOK), help=f"first look(s), comma-separated (default {FIRST_LOOK})")
     p.add_argument("--growth", default=str(GROWTH), help=f"growth(s), comma-separated (default {GROWTH})")
+    p.add_argument("--futility", default=str(FUTILITY), help=f"futility level(s), comma-separated (default {FUTILITY})")
     p.add_argument("--pa-file", help="a .npy or text file of p_A values to use instead of the default mix")
     p.add_argument("--protocols", default="cifar10,imagenet,targets", help="any of cifar10, imagenet, targets")
     p.add_argument("--json", action="store_true", help="print one JSON object per line")
@@ -199,27 +219,27 @@ def main(argv: list[str] | None = None) -> int:
     pa_fixed = load_pa(args.pa_file) if args.pa_file else None
     firsts = [int(x) for x in args.first.split(",")]
     growths = [float(x) for x in args.growth.split(",")]
+    futilities = [float(x) for x in args.futility.split(",")]
     # Separate streams: the same images (p_A) in every protocol and every (first, growth), so
     # settings are compared on paired data; the draws get a stream per protocol.
     pa_rng = np.random.default_rng([args.seed, 0])
     pas = [pa_fixed if pa_fixed is not None else sample_pa(pa_rng, args.images) for _ in range(args.trials)]
-    for first in firsts:
-        for growth in growths:
-            for k, proto in enumerate(protocols(groups, first, growth)):
-                rng = np.random.default_rng([args.seed, 1, k])
-                start = time.perf_counter()
-                row = simulate(proto, first, growth, pas, rng)
-                row["seconds"] = round(time.perf_counter() - start, 2)
-                if args.json:
-                    print(json.dumps(row), flush=True)
-                else:
-                    print(
-                        f"{row['protocol']:<28} first={first:<4} growth={growth:<5} L={row['looks']:<3} "
-                        f"draws/image fixed {row['draws_fixed_per_image']:>8.0f} seq {row['draws_sequential_per_image']:>8.0f} "
-                        f"ratio {row['ratio']:6.2f}x  radii {row['radii']}  cert fixed {row['certified_fixed']} "
-                        f"seq {row['certified_sequential']}  worst deficit/100 {row['worst_trial_deficit_per_100']}",
-                        flush=True,
-                    )
+    for first, growth, futility in itertools.product(firsts, growths, futilities):
+        for k, proto in enumerate(protocols(groups, first, growth)):
+            rng = np.random.default_rng([args.seed, 1, k])
+            start = time.perf_counter()
+            row = simulate(proto, first, growth, futility, pas, rng)
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(
+                    f"{row['protocol']:<28} first={first:<4} growth={growth:<5} futility={futility:<5} L={row['looks']:<3} "
+                    f"draws/image fixed {row['draws_fixed_per_image']:>8.0f} seq {row['draws_sequential_per_image']:>8.0f} "
+                    f"ratio {row['ratio']:6.2f}x (clairvoyant futility {row['ratio_clairvoyant_futility']:6.2f}x)  radii {row['radii']}  cert fixed {row['certified_fixed']} "
+                    f"seq {row['certified_sequential']}  worst deficit/100 {row['worst_trial_deficit_per_100']}",
+                    flush=True,
+                )
     return 0
 
 

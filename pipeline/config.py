@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.lock import DEFAULT_STALE_AFTER_S
-from pipeline.sequential import FIRST_LOOK, GROWTH
+from pipeline.sequential import FIRST_LOOK, FUTILITY, GROWTH
 from workers.contract import DEVICES, METHODS, PRECISIONS, needs_denoiser, vote_counts
 from workers.seeds import MAX_VOTES, sigma_key, sigma_label
 from workers.errors import UserError
@@ -63,6 +63,8 @@ class RunConfig:
     radii: list[float] | None = _option(None, "Radii sequential sampling must decide (sorted), e.g. 0.25,0.5,0.75.")
     first_look: int = _option(FIRST_LOOK, "Sequential sampling: estimation draws at the first look.")
     look_growth: float = _option(GROWTH, "Sequential sampling: growth factor between looks.")
+    futility: float = _option(FUTILITY, "Sequential sampling: most probability that a row the budget could certify at a "
+                              "radius gives it up early (power only; the certificates keep alpha).")
     seed: int = _option(0, "Run seed (every draw's seed derives from it).")
     skip: int = _option(0, "Skip the first images.")
     max_images: int | None = _option(None, "Certify at most this many images.", flags=("--max-images", "--max"))
@@ -167,6 +169,8 @@ class RunConfig:
             return
         if self.first_look < 1:
             raise UserError(f"--first-look must be >= 1, got {self.first_look}")
+        if not (0.0 < self.futility < 1.0):
+            raise UserError(f"--futility must lie strictly between 0 and 1, got {self.futility}; the default is {FUTILITY}")
         try:
             look_schedule(self.n, self.first_look, self.look_growth)
         except ValueError as exc:
@@ -237,7 +241,18 @@ def _execution_fields() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("execution"))
 
 
+_SEQUENTIAL_FIELDS = frozenset({"radii", "first_look", "look_growth", "futility"})
+"""Options that only sequential sampling reads: two fixed-sampling runs never differ by them."""
+
+
 def differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Names of the result-determining options on which two configs disagree."""
-    keys = sorted((set(a) | set(b)) - _execution_fields())
+    """Names of the result-determining options on which two configs disagree.
+
+    A key missing from one side counts as different (a folder written before the option existed
+    was made under another rule), except sequential-only options between two fixed-sampling runs.
+    """
+    ignored = _execution_fields()
+    if a.get("sampling", "fixed") == "fixed" and b.get("sampling", "fixed") == "fixed":
+        ignored |= _SEQUENTIAL_FIELDS
+    keys = sorted((set(a) | set(b)) - ignored)
     return [k for k in keys if a.get(k) != b.get(k)]

@@ -48,7 +48,7 @@ def sequential_plan(config: RunConfig, sigma: float) -> SequentialPlan | None:
     if config.sampling == "fixed":
         return None
     return SequentialPlan(budget=config.n, alpha=config.alpha, sigma=sigma, radii=tuple(config.radii or ()),
-                          looks=looks_of(config))
+                          looks=looks_of(config), futility=config.futility)
 
 
 def _chunks(lo: int, hi: int, size: int) -> Iterable[tuple[int, int]]:

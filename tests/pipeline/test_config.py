@@ -28,6 +28,19 @@ def test_differing_fields_names_only_result_fields():
     assert differing_fields(a, a) == []
 
 
+def test_sequential_only_options_do_not_tell_fixed_runs_apart():
+    fixed = RunConfig(out="/a").to_dict()
+    assert differing_fields(fixed, RunConfig(out="/a", first_look=50, look_growth=2.0, futility=0.2).to_dict()) == []
+    # A fixed folder written before --futility existed resumes.
+    older = {k: v for k, v in fixed.items() if k != "futility"}
+    assert differing_fields(older, fixed) == []
+    seq = RunConfig(out="/a", sampling="sequential", radii=[0.25]).to_dict()
+    assert differing_fields(seq, {**seq, "futility": 0.2}) == ["futility"]
+    # A sequential folder from before --futility stopped under another rule: not resumed as is.
+    assert differing_fields({k: v for k, v in seq.items() if k != "futility"}, seq) == ["futility"]
+    assert differing_fields(fixed, seq) == ["radii", "sampling"]
+
+
 def test_unknown_options_are_named():
     with pytest.raises(UserError, match="unknown config option.*bogus"):
         RunConfig.from_dict({"out": "/a", "bogus": 1})

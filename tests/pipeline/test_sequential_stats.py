@@ -22,6 +22,7 @@ from pipeline.sequential import (
     CERTIFIED,
     FIRST_LOOK,
     FUTILE,
+    FUTILITY,
     GROWTH,
     OPEN,
     UNREACHABLE,
@@ -32,6 +33,7 @@ from pipeline.sequential import (
     lower_bound_at_look,
     max_certifiable_radius_sequential,
     min_budget_for_radius,
+    needed_rate,
     radius_status,
     row_settled,
     sequential_certify,
@@ -262,7 +264,8 @@ def test_plan_make_and_properties() -> None:
     [dict(alpha=0.0), dict(alpha=1.0), dict(alpha=float("nan")), dict(sigma=0.0), dict(sigma=float("inf")),
      dict(radii=()), dict(radii=(0.5, 0.25)), dict(radii=(0.25, 0.25)), dict(radii=(-0.1, 0.25)),
      dict(radii=(0.25, float("nan"))), dict(looks=(100, 150)), dict(looks=(150, 100, 1000)),
-     dict(looks=(100, 100, 1000)), dict(looks=()), dict(budget=0, looks=(0,))],
+     dict(looks=(100, 100, 1000)), dict(looks=()), dict(budget=0, looks=(0,)), dict(futility=0.0),
+     dict(futility=1.0), dict(futility=float("nan")), dict(futility=True)],
 )
 def test_plan_rejects(changes: dict) -> None:
     fields = dict(budget=1000, alpha=0.001, sigma=0.25, radii=(0.25, 0.5), looks=(100, 150, 1000))
@@ -277,6 +280,7 @@ def test_plan_rejects(changes: dict) -> None:
 
 PLAN = SequentialPlan.make(1000, 0.001, 1.0, (0.0, 1.0, 3.0), first=100, growth=1.5)  # L = 7
 LEVEL = 0.001 / 7
+FUTILITY_LEVEL = FUTILITY / 7
 
 
 @pytest.mark.parametrize("n", PLAN.looks)
@@ -293,13 +297,56 @@ def test_lower_bound_is_clopper_pearson_at_alpha_over_looks(n: int) -> None:
 
 @pytest.mark.parametrize("n", PLAN.looks)
 def test_upper_bound(n: int) -> None:
+    """Clopper-Pearson upper bound at the futility level beta / L, not at alpha / L."""
+    assert PLAN.futility == FUTILITY and PLAN.futility_per_look == FUTILITY_LEVEL
     assert upper_bound_at_look(n, n, PLAN) == 1.0
-    assert upper_bound_at_look(0, n, PLAN) == pytest.approx(1.0 - LEVEL ** (1.0 / n), rel=1e-12)
+    assert upper_bound_at_look(0, n, PLAN) == pytest.approx(1.0 - FUTILITY_LEVEL ** (1.0 / n), rel=1e-12)
     for n_a in sorted({1, n // 3, n // 2, n - 1}):
         upper = upper_bound_at_look(n_a, n, PLAN)
         assert lower_bound_at_look(n_a, n, PLAN) <= n_a / n <= upper
-        # Defining property: at p = U the chance of n_a or fewer successes is alpha / L.
-        assert binom.cdf(n_a, n, upper) == pytest.approx(LEVEL, rel=1e-6)
+        # Defining property: at p = U the chance of n_a or fewer successes is beta / L.
+        assert binom.cdf(n_a, n, upper) == pytest.approx(FUTILITY_LEVEL, rel=1e-6)
+    strict = SequentialPlan(PLAN.budget, PLAN.alpha, PLAN.sigma, PLAN.radii, PLAN.looks, futility=PLAN.alpha)
+    assert upper_bound_at_look(1, n, strict) > upper_bound_at_look(1, n, PLAN)  # a smaller level, a wider bound
+
+
+@pytest.mark.parametrize("budget,alpha", [(1000, 0.001), (20_000, 0.001), (100_000, 0.001), (10_000, 0.01)])
+def test_needed_rate_is_the_smallest_certifying_count(budget: int, alpha: float) -> None:
+    plan = SequentialPlan.make(budget, alpha, 0.25, (0.0, 0.25, 0.5))
+    for t, rate in zip(plan.thresholds, plan.needed_rates):
+        k = round(rate * budget)
+        assert rate == k / budget == needed_rate(t, plan)
+        assert lower_bound_at_look(k, budget, plan) >= t > lower_bound_at_look(k - 1, budget, plan)
+        # Above the threshold itself by the bound's width at the budget: that gap is what
+        # futility against p* saves over futility against Phi(r / sigma).
+        assert rate > t
+
+
+def test_needed_rate_of_an_uncertifiable_threshold_exceeds_one() -> None:
+    # PLAN's r = 3 is beyond its budget: no count reaches it, so no rate is enough.
+    assert PLAN.needed_rates[2] == 1001 / 1000
+    assert lower_bound_at_look(1000, 1000, PLAN) < PLAN.thresholds[2]
+
+
+@pytest.mark.parametrize("p_offset", [0.0, 0.002])
+def test_futility_power_at_the_needed_rate(p_offset: float) -> None:
+    """A row whose p_A is the needed rate p* gives the radius up with probability <= beta.
+
+    20,000 paths at p = p* (and just above it) of a 20,000-draw plan; "futile at some look" is the
+    event that costs the row its certificate. Allowance beta + 3 standard errors (0.0015).
+    """
+    plan = SequentialPlan.make(20_000, 0.001, 0.25, (0.5,))
+    p = min(plan.needed_rates[0] + p_offset, 1.0)
+    counts = _paths(p, plan.looks, seed=77 + int(p_offset * 1e4))
+    futile = np.zeros(TRIALS, dtype=bool)
+    for j, n in enumerate(plan.looks[:-1]):  # at the budget a radius is certified or unreachable
+        status = _apply(lambda k, n: radius_status(k, n, plan)[0], counts[:, j], n)
+        futile |= status == FUTILE
+    rate = float(np.mean(futile))
+    se = math.sqrt(FUTILITY * (1 - FUTILITY) / TRIALS)
+    assert rate <= FUTILITY + 3 * se, rate
+    if p_offset == 0.0:
+        assert rate > FUTILITY / 20  # the test measures something: futility does fire near p*
 
 
 def test_best_case_bound() -> None:
@@ -333,16 +380,22 @@ def test_radius_status_hand_computed() -> None:
     assert LEVEL ** (1 / 100) > norm.cdf(1.0)
     assert radius_status(100, 100, PLAN) == (CERTIFIED, CERTIFIED, UNREACHABLE)
     assert row_settled(100, 100, PLAN)
-    # 0/100: upper bound 1 - (alpha/7)^(1/100) = 0.085 is below 0.5 and 0.841, while 900 more
+    # Needed rates at the budget: 558/1000 certifies r = 0 and 883/1000 r = 1.
+    assert PLAN.needed_rates[:2] == (0.558, 0.883)
+    # 0/100: upper bound 1 - (beta/7)^(1/100) = 0.048 is below 0.558 and 0.883, while 900 more
     # successes would still give CP(900, 1000) = 0.861 > 0.841: futile, not unreachable.
-    assert 1 - LEVEL ** (1 / 100) < 0.5
+    assert 1 - FUTILITY_LEVEL ** (1 / 100) < 0.5
     assert lower_confidence_bound(900, 1000, LEVEL) > norm.cdf(1.0)
     assert radius_status(0, 100, PLAN) == (FUTILE, FUTILE, UNREACHABLE)
-    # 95/100: certified at 0 (0.822), open at 1 (0.822 < 0.841 < upper 0.995).
+    # 95/100: certified at 0 (0.822), open at 1 (0.822 < 0.841, upper 0.988 > 0.883).
     assert radius_status(95, 100, PLAN) == (CERTIFIED, OPEN, UNREACHABLE)
     assert not row_settled(95, 100, PLAN)
-    # 60/100: 0.415 < 0.5 < upper 0.767: open at 0; futile at 1.
+    # 60/100: 0.415 < 0.5 and upper 0.718 > 0.558: open at 0; 0.718 < 0.883: futile at 1.
     assert radius_status(60, 100, PLAN) == (OPEN, FUTILE, UNREACHABLE)
+    # 78/100: upper 0.872 lies above Phi(1) = 0.841 but below the needed 0.883: futile at 1,
+    # which a futility test against Phi(r / sigma) itself would have left open.
+    assert norm.cdf(1.0) < upper_bound_at_look(78, 100, PLAN) < PLAN.needed_rates[1]
+    assert radius_status(78, 100, PLAN)[1] == FUTILE
     # At the budget nothing is open: 860/1000 has lower bound 0.816 < 0.841 < upper 0.897.
     assert radius_status(860, 1000, PLAN) == (CERTIFIED, UNREACHABLE, UNREACHABLE)
     for n_a in range(0, 1001, 10):
@@ -350,14 +403,13 @@ def test_radius_status_hand_computed() -> None:
 
 
 def test_radius_status_matches_its_definition() -> None:
-    thresholds = PLAN.thresholds
     for n in PLAN.looks:
         for n_a in range(0, n + 1, max(1, n // 40)):
             lower = lower_bound_at_look(n_a, n, PLAN)
             upper = upper_bound_at_look(n_a, n, PLAN)
             best = best_case_lower_bound(n_a, n, PLAN)
-            for t, status in zip(thresholds, radius_status(n_a, n, PLAN)):
-                expected = CERTIFIED if lower >= t else UNREACHABLE if best < t else FUTILE if upper < t else OPEN
+            for t, needed, status in zip(PLAN.thresholds, PLAN.needed_rates, radius_status(n_a, n, PLAN)):
+                expected = CERTIFIED if lower >= t else UNREACHABLE if best < t else FUTILE if upper < needed else OPEN
                 assert status == expected
 
 

@@ -65,6 +65,8 @@ def wrong_checkpoint(tmp_path_factory) -> Path:
         (["--sampling", "sequential", "--radii", "-1"], [">= 0"]),
         (["--sampling", "sequential", "--radii", "0.25,0.25"], ["twice"]),
         (["--sampling", "sequential", "--radii", "0.5", "--n0", "10", "--n", "30"], ["radius 0.5 cannot be certified", "needs --n >="]),
+        (["--sampling", "sequential", "--radii", "0.25", "--futility", "0"], ["--futility must lie strictly between 0 and 1"]),
+        (["--sampling", "sequential", "--radii", "0.25", "--futility", "1"], ["--futility must lie strictly between 0 and 1"]),
         (["--sampling", "magic"], ["--sampling"]),
         (["--radii", "0.5"], ["only applies to --sampling sequential"]),
         (["--every", "0"], ["--every must be >= 1, got 0"]),
