@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from benchmarks.common import dump, env_facts, load_average, median  # noqa: E402
+from pipeline import pool  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from workers.data import load_dataset, select_indices  # noqa: E402
 from pipeline.plan import plan_units  # noqa: E402
@@ -132,8 +133,8 @@ def _engine_in_fresh_process(config: RunConfig, units: list) -> dict[str, Any]:
 
 
 def _engine_side(config: RunConfig, units: list) -> dict[str, Any]:
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_engine_in_fresh_process, config, units).result()
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as executor:
+        return executor.submit(_engine_in_fresh_process, config, units).result()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,16 +144,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not (Path(ASSET_DIR) / name).is_file():
             raise SystemExit(f"{Path(ASSET_DIR) / name} is missing: train the digits models first (python scripts/train_digits.py)")
     if args.actor_cpus:
-        from pipeline import pool
-
         pool.ElasticPool._cpus_per_cpu_actor = lambda self: args.actor_cpus  # type: ignore[method-assign]
     tmp = tempfile.mkdtemp(prefix="bench_pipeline_")
     # A private Ray instance (its own temp dir, so it never meets another local cluster), with
     # every core of this machine; certify_run's connect() then uses it.
     ray_tmp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # Ray's socket paths must stay short
     ray_start = time.perf_counter()
-    ray.init(num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False, _temp_dir=ray_tmp,
-             logging_level="WARNING", log_to_driver=True)
+    pool.start_local(num_cpus=len(os.sched_getaffinity(0)), _temp_dir=ray_tmp, log_to_driver=True)
     ray_seconds = time.perf_counter() - ray_start
     try:
         probe = _config(args, os.path.join(tmp, "probe"))

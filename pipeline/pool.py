@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -152,10 +152,48 @@ def connect(address: str | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
         return
-    # Our own single-machine instance listens on 127.0.0.1 only: Ray's token authentication (and
-    # its warning on every run) protects nothing there. Real clusters keep their settings.
+    start_local()
+
+
+def start_local(**options: Any) -> None:
+    """Start a private Ray instance on this machine whose servers listen on 127.0.0.1 only.
+
+    ``options`` go to ``ray.init`` (e.g. ``num_cpus``, ``_temp_dir``). Ray's token authentication
+    (and its warning on every run) protects nothing on loopback, so it is off unless the
+    environment says otherwise; real clusters keep their settings.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", _node_ip_address="127.0.0.1", logging_level=logging.WARNING, include_dashboard=False)
+    options = {"logging_level": logging.WARNING, "include_dashboard": False, **options}
+    with _loopback_only():
+        ray.init(address="local", _node_ip_address="127.0.0.1", **options)
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make the Ray instance started inside bind its servers to 127.0.0.1 only.
+
+    Why: on Linux Ray replaces a 127.0.0.1 node address with the machine's routable one
+    (``services.resolve_ip_for_localhost``), and then its GCS, raylet and workers listen on every
+    interface, here with authentication off. Ray's single-node switch (multi-node clusters off,
+    as on macOS and Windows) keeps the node address at 127.0.0.1, so every server binds loopback.
+    The environment variable reaches the processes ray.init starts; this process reads the
+    module constant at call time. Both are restored afterwards, so a later connection of the
+    same process to a real cluster is unaffected.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
 
 
 def use_gpu_actors(device: str, max_workers: int | None) -> bool:

@@ -131,8 +131,8 @@ It governs power only (P[p_lower > p_A] <= alpha holds for every beta). Chosen w
 rows): at n = 20,000 (sigma 0.25, radii 0.25, 0.5) beta = 0.001 / 0.05 / 0.2 gave 11.1x / 13.7x /
 15.6x fewer estimation draws, at n = 100,000 (radii 0.25, 0.5, 0.75) 16.0x / 20.0x / 22.2x, with
 certified accuracy 0.02 to 0.1 images per 100 below beta = 0.001 at 0.05, up to 0.3 at 0.2; the
-old rule (upper bound at alpha / L against Phi(r / sigma) itself) gave 8.4x and 11.0x. 0.05 is
-the conventional 95 % power of a sequential design, at most of the saving."""
+old rule (upper bound at alpha / L against Phi(r / sigma) itself) gave 8.4x and 11.0x. 0.05 keeps
+95 % power at p*(r) (more above it) and most of the saving."""
 
 CERTIFIED = "certified"
 """Status of a radius whose threshold the lower bound at this look reaches."""
