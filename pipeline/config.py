@@ -63,8 +63,8 @@ class RunConfig:
     radii: list[float] | None = _option(None, "Radii sequential sampling must decide (sorted), e.g. 0.25,0.5,0.75.")
     first_look: int = _option(FIRST_LOOK, "Sequential sampling: estimation draws at the first look.")
     look_growth: float = _option(GROWTH, "Sequential sampling: growth factor between looks.")
-    futility: float = _option(FUTILITY, "Sequential sampling: most probability that a row the budget could certify at a "
-                              "radius gives it up early (power only; the certificates keep alpha).")
+    futility: float = _option(FUTILITY, "Sequential sampling: level beta of the upper bound that gives a radius up when a "
+                              "row is behind the pace the budget needs (power only; the certificates keep alpha).")
     seed: int = _option(0, "Run seed (every draw's seed derives from it).")
     skip: int = _option(0, "Skip the first images.")
     max_images: int | None = _option(None, "Certify at most this many images.", flags=("--max-images", "--max"))

@@ -61,6 +61,9 @@ class Manifest:
     attempts: int = 1
     cost: Cost = field(default_factory=Cost)
     error: str | None = None
+    stopping_rule: str = ""
+    """``pipeline.sequential.STOPPING_RULE`` of a sequential run ("" for fixed sampling, and for
+    sequential folders written before the rule was recorded)."""
     format: str = FORMAT
     version: int = VERSION
 

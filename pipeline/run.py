@@ -28,6 +28,7 @@ from pipeline.lock import Holder, RunLock
 from pipeline.manifest import Cost, Manifest
 from pipeline.plan import GroupKey, GroupState, group_key, groups_of, plan_units
 from pipeline.rundir import LOG_FILES, RunDir
+from pipeline.sequential import STOPPING_RULE
 from workers import storage
 from workers.contract import ModelSpec, UnitRecord
 from workers.errors import UserError, first_line
@@ -214,7 +215,11 @@ def _result_differences(previous: Manifest, config: RunConfig, models: dict[str,
         # The flags file is hashed with the denoiser's files.
         "model_flags": _files(previous.models, "denoiser") == _files(models, "denoiser"),
     }
-    return [f for f in diff if not same.get(f, False)]
+    diff = [f for f in diff if not same.get(f, False)]
+    # Sequential draws stopped under another rule would be mixed with ones stopped under this one.
+    if config.sampling == "sequential" == previous.config.get("sampling") and previous.stopping_rule != STOPPING_RULE:
+        diff.append("stopping rule")
+    return diff
 
 
 def _open_run(config: RunConfig, log: Log, models: dict[str, Any]) -> tuple[RunDir, Manifest | None]:
@@ -304,6 +309,7 @@ def _certify_locked(config: RunConfig, log: Log, ray_address: str | None, images
         attempts=(previous.attempts if previous else 0) + 1,
         cost=_cost(logged),
         error=None,
+        stopping_rule=STOPPING_RULE if config.sampling == "sequential" else "",
     )
     lock.set_run_id(manifest.run_id)
     lock.check()

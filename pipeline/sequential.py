@@ -33,16 +33,20 @@ p_A with probability at most alpha. Why this construction rather than a confiden
   looks at once, even the largest bound seen so far would be valid; the pipeline reports the
   bound at the stopping look, which needs no history.
 
-Futility (giving a radius up before the budget) compares a one-sided Clopper-Pearson *upper*
-bound, at its own level beta / L (``futility``, default 0.05 in total), with the *needed rate*
-p*(r): the smallest success rate k / n of the budget n whose bound at the last look reaches
-Phi(r / sigma). A row is pointless to continue for r once p_A is shown to lie below p*(r) (then
-even the whole budget certifies r only on a lucky excess of successes, with probability below
-about one half), not merely below Phi(r / sigma): this is stochastic curtailment for futility
-(Lan, Simon and Halperin 1982; Jennison and Turnbull 2000, ch. 10) with a confidence bound in
-place of a conditional-power estimate. Its errors cost power, never soundness: a row is only
-ever reported with its lower bound at the stopping look, and a row whose p_A reaches p*(r) gives
-r up with probability at most beta (the same union bound over the looks).
+Futility (giving a radius up before the budget) is stochastic curtailment (Lan, Simon and
+Halperin 1982; Jennison and Turnbull 2000, ch. 10): a row run to the budget n certifies r exactly
+when its final count reaches the *needed count* k*(r), the smallest count whose bound at the last
+look reaches Phi(r / sigma). At look m with count k the remaining n - m draws must therefore
+bring k*(r) - k more successes, and r is given up when even a success rate equal to the one-sided
+Clopper-Pearson *upper* bound U on p_A (at its own level beta / L, ``futility``, default 0.05 in
+total) would fall short on average: U (n - m) < k*(r) - k. With probability >= 1 - beta, U >= p_A
+at every look, and then r is only given up when the rest of the budget would have to beat its own
+expected count to certify it (probability about one half or less, given the draws so far). A row
+behind the pace the budget needs is given up sooner than one merely close to the threshold, a row
+ahead of it later. Its errors cost power, never soundness: a row is only ever reported with its
+lower bound at the stopping look. Measured (``tests/pipeline/test_sequential_stats.py``): rows
+near k*(r) / n, where the budget certifies about half of them, lose r to futility although the
+budget would have certified it in at most about 3 % of the cases.
 
 References
 ----------
@@ -87,6 +91,7 @@ __all__ = [
     "GROWTH",
     "OPEN",
     "STATUSES",
+    "STOPPING_RULE",
     "UNREACHABLE",
     "SequentialPlan",
     "best_case_lower_bound",
@@ -95,7 +100,7 @@ __all__ = [
     "lower_bound_at_look",
     "max_certifiable_radius_sequential",
     "min_budget_for_radius",
-    "needed_rate",
+    "needed_count",
     "radius_status",
     "row_settled",
     "sequential_certify",
@@ -115,32 +120,40 @@ will abstain settle after a few hundred draws whichever; so the conventional 100
 GROWTH: float = 1.5
 """Default ratio between consecutive looks.
 
-Chosen with ``benchmarks/simulate_sequential.py`` (default p_A mix, 20 x 100 images): at
-n = 20,000 (sigma 0.25, radii 0.25, 0.5) growth 1.25 / 1.5 / 2.0 gave 19.7x / 18.3x / 19.4x
-fewer estimation draws, at n = 100,000 (radii 0.25, 0.5, 0.75) 12.5x / 12.4x / 9.2x. Averaged
-over where the radius that decides an all-agreeing input falls, 1.25 stops 4 % sooner than 1.5
-and 2.0 10 % later; 1.5 keeps most of 1.25's saving with 19 looks at n = 100,000 instead of 32
-(each look is a synchronisation point of the pipeline, and the first units stay >= 50 draws)."""
+Chosen with ``benchmarks/simulate_sequential.py --protocols targets --growth 1.25,1.5,2.0``
+(default p_A mix, 20 x 100 images): at n = 20,000 (sigma 0.25, radii 0.25, 0.5) growth 1.25 / 1.5
+/ 2.0 gave 29.0x / 27.4x / 28.1x fewer estimation draws, at n = 100,000 (radii 0.25, 0.5, 0.75)
+15.3x / 15.1x / 10.7x. 1.5 keeps nearly all of 1.25's saving with 19 looks at n = 100,000 instead
+of 32 (each look is a synchronisation point of the pipeline, and the first units stay >= 50
+draws); 2.0 loses a third at n = 100,000, where the look after an all-agreeing row's stopping
+point can lie twice as far."""
 
 FUTILITY: float = 0.05
-"""Default futility level beta: the most probability, in total over all looks, with which a row
-whose p_A reaches a radius's needed rate p*(r) gives that radius up before the budget.
+"""Default futility level beta: the probability, in total over all looks, that the futility upper
+bound falls below p_A at some look (outside that event a radius is only given up when the rest of
+the budget would have to beat its expected count to certify it).
 
 It governs power only (P[p_lower > p_A] <= alpha holds for every beta). Chosen with
-``benchmarks/simulate_sequential.py --protocols targets --pa-file`` on the demo's own p_A spread
-(20 trials x 320 rows): at n = 20,000 (sigma 0.25, radii 0.25, 0.5) beta = 0.001 / 0.05 / 0.2
-gave 11.1x / 13.7x / 15.6x fewer estimation draws, at n = 100,000 (radii 0.25, 0.5, 0.75)
-16.0x / 20.1x / 22.2x, with a mean certified-accuracy deficit against fixed sampling of at most
-0.22 images per 100 at 0.001 and at 0.05, 0.30 at 0.2; the previous rule (an upper bound at
-alpha / L against Phi(r / sigma) itself) gave 8.4x and 11.0x. 0.05 keeps
-95 % power at p*(r) (more above it) and most of the saving."""
+``benchmarks/simulate_sequential.py --protocols targets --pa-file`` on the demo's own p_A spread:
+at n = 20,000 (sigma 0.25, radii 0.25, 0.5) beta = 0.001 / 0.05 / 0.2 gave 13.3x / 15.6x / 17.4x
+fewer estimation draws, at n = 100,000 (radii 0.25, 0.5, 0.75) 18.4x / 21.8x / 23.6x, with a mean
+certified-accuracy deficit against fixed sampling of at most 0.23, 0.25 and 0.34 images per 100
+(20 trials x 320 rows). The first rule (the upper bound at alpha / L against Phi(r / sigma)) gave
+8.4x and 11.0x, the second (the upper bound against k* / budget, whatever the pace) 13.7x and
+20.1x at beta = 0.05. 0.05 keeps most of the saving of 0.2 at the accuracy of 0.001."""
+
+STOPPING_RULE: str = "cp-bonferroni-looks/curtailment-1"
+"""Names the stopping rule below; a sequential run folder records it and is resumed only under the
+same one. Changed whenever the same counts and options could stop at another look (the previous
+rule, recorded as nothing, compared the futility bound with k* / budget instead of the pace)."""
 
 CERTIFIED = "certified"
 """Status of a radius whose threshold the lower bound at this look reaches."""
 UNREACHABLE = "unreachable"
 """Status of a radius the budget cannot certify even if every remaining draw succeeds."""
 FUTILE = "futile"
-"""Status of a radius whose needed rate p*(r) lies above the futility upper bound at this look."""
+"""Status of a radius the rest of the budget would certify only by beating its expected count
+(at a success rate equal to the futility upper bound)."""
 OPEN = "open"
 """Status of a radius not decided yet; only possible before the last look."""
 STATUSES: tuple[str, ...] = (CERTIFIED, UNREACHABLE, FUTILE, OPEN)
@@ -343,30 +356,30 @@ class SequentialPlan:
         return tuple(float(norm.cdf(r / self.sigma)) for r in self.radii)
 
     @functools.cached_property
-    def needed_rates(self) -> tuple[float, ...]:
-        """p*(r) per radius (``needed_rate``): the futility test's target, computed once per plan."""
-        return tuple(needed_rate(t, self) for t in self.thresholds)
+    def needed_counts(self) -> tuple[int, ...]:
+        """k*(r) per radius (``needed_count``): the futility test's target, computed once per plan."""
+        return tuple(needed_count(t, self) for t in self.thresholds)
 
 
-def needed_rate(threshold: float, plan: SequentialPlan) -> float:
-    """p*: the smallest success rate k / budget whose bound at the last look reaches ``threshold``.
+def needed_count(threshold: float, plan: SequentialPlan) -> int:
+    """k*: the smallest count whose bound at the last look (n = budget) reaches ``threshold``.
 
-    k is the smallest count with lower_bound_at_look(k, budget) >= threshold (the bound grows
-    with k, so by bisection); (budget + 1) / budget, above any rate, when no count reaches it.
+    Found by bisection (the bound grows with the count); budget + 1, more than any count, when no
+    count reaches it.
 
     Guarantee: a row run to the budget is certified at the threshold exactly when its final count
-    is >= p* x budget, so for p_A < p* that takes more successes than the row's mean (probability
-    below about 1/2), while for p_A >= p* futility (``upper_bound_at_look`` < p*) is wrong with
-    probability <= plan.futility.
+    is >= k*, so at a look with count k and m draws made, certifying it at the budget takes
+    k* - k successes among the remaining budget - m draws; ``radius_status`` compares that with
+    what the futility upper bound allows.
     """
     budget, level = plan.budget, plan.alpha_per_look
     if lower_confidence_bound(budget, budget, level) < threshold:
-        return (budget + 1) / budget
+        return budget + 1
     lo, hi = -1, budget  # bound(lo) < threshold <= bound(hi); bound(-1) stands for "none"
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if lower_confidence_bound(mid, budget, level) < threshold else (lo, mid)
-    return hi / budget
+    return hi
 
 
 def _check_look(n_a: int, n: int, plan: SequentialPlan) -> tuple[int, int]:
@@ -433,21 +446,24 @@ def radius_status(n_a: int, n: int, plan: SequentialPlan) -> tuple[str, ...]:
     * "certified":   lower_bound_at_look >= Phi(r / sigma) (a certificate at this look says r);
     * "unreachable": best_case_lower_bound < Phi(r / sigma) (even with every remaining draw
       successful, the last look would not certify r: a fact about the budget, not a guess);
-    * "futile":      upper_bound_at_look < needed_rate (the data say p_A is below the rate at
-      which the whole budget would certify r; wrong with probability <= plan.futility);
+    * "futile":      upper_bound_at_look x (budget - n) < needed_count - n_a (even at a success
+      rate equal to the upper bound, the remaining draws would on average bring fewer successes
+      than the budget needs to certify r);
     * "open":        none of these; never at n == budget (there best case == lower bound).
 
     Guarantee: exactly one status per radius (tested in this order); a radius that is not
-    "certified" is not certified by a certificate issued at this look, and "futile" is wrong
-    (p_A >= p*(r)) at some look with probability <= plan.futility. Only counts at this look are
-    used.
+    "certified" is not certified by a certificate issued at this look; with probability
+    >= 1 - plan.futility the upper bound is >= p_A at every look, and then "futile" means the rest
+    of the budget would have to beat its own expected count (p_A x (budget - n)) to certify r.
+    Only counts at this look are used.
     """
     n_a, n = _check_look(n_a, n, plan)
     lower = lower_bound_at_look(n_a, n, plan)
     best = lower if n == plan.budget else best_case_lower_bound(n_a, n, plan)
     upper: float | None = None  # only needed for radii the other two bounds leave undecided
+    remaining = plan.budget - n
     statuses = []
-    for t, needed in zip(plan.thresholds, plan.needed_rates):
+    for t, needed in zip(plan.thresholds, plan.needed_counts):
         if lower >= t:
             statuses.append(CERTIFIED)
         elif best < t:
@@ -455,7 +471,7 @@ def radius_status(n_a: int, n: int, plan: SequentialPlan) -> tuple[str, ...]:
         else:
             if upper is None:
                 upper = upper_bound_at_look(n_a, n, plan)
-            statuses.append(FUTILE if upper < needed else OPEN)
+            statuses.append(FUTILE if upper * remaining < needed - n_a else OPEN)
     return tuple(statuses)
 
 

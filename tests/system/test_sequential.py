@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 
 from pipeline.run import certify_run
 from pipeline.rundir import RunDir
+from pipeline.sequential import STOPPING_RULE
 from tests.fixtures.runs import REPO, SEQUENTIAL, SEQUENTIAL_ARGS, comparable, quiet, tiny
 from workers import storage
 from workers.errors import UserError
@@ -53,6 +56,18 @@ def test_a_run_made_with_one_sampling_mode_is_refused_for_the_other(ray_driver, 
     fixed = {**SEQUENTIAL, "sampling": "fixed", "radii": None}
     with pytest.raises(UserError, match="differs in: .*sampling"):
         certify_run(tiny(out, workers=1, **fixed), log=quiet)
+
+
+def test_a_sequential_run_stopped_under_an_earlier_rule_is_refused(tmp_path, ray_driver, sequential_reference):
+    _, out = sequential_reference
+    assert RunDir(out).read_manifest().stopping_rule == STOPPING_RULE
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["stopping_rule"]  # as written before the rule was recorded
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"differs in: stopping rule\)"):
+        certify_run(tiny(older, workers=1, **SEQUENTIAL), log=quiet)
 
 
 def test_driver_killed_mid_sequential_run_then_rerun_gives_the_same_table(tmp_path, ray_cluster, sequential_reference):
