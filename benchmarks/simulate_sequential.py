@@ -129,7 +129,7 @@ def _memo(func: Callable[[int, int], Any]) -> Callable[[int, int], Any]:
     return wrapped
 
 
-def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+def _kl(p: np.ndarray, q: np.ndarray | float) -> np.ndarray:
     """Kullback-Leibler divergence KL(Bernoulli(p) || Bernoulli(q)), elementwise."""
     return rel_entr(p, q) + rel_entr(1.0 - p, 1.0 - q)
 
@@ -155,7 +155,7 @@ def information_bound(pa: np.ndarray, proto: Protocol) -> np.ndarray:
         pi = binom.sf(k - 1, proto.budget, pa) if k <= proto.budget else np.zeros(pa.size)
         useful = (pa > t) & (pi > proto.alpha)
         with np.errstate(divide="ignore", invalid="ignore"):
-            need = np.where(useful, _kl(pi, np.full(pa.size, proto.alpha)) / _kl(pa, np.full(pa.size, t)), 0.0)
+            need = np.where(useful, _kl(pi, proto.alpha) / _kl(pa, t), 0.0)
         best = np.maximum(best, need)
     return np.minimum(best, proto.budget)
 
