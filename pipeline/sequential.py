@@ -81,7 +81,7 @@ import numpy as np
 from scipy.stats import norm
 
 from workers.errors import UserError
-from pipeline.stats import Certificate, certify, lower_confidence_bound
+from pipeline.stats import Certificate, certify, check_level, lower_confidence_bound
 
 __all__ = [
     "CERTIFIED",
@@ -177,21 +177,6 @@ def _whole(value: object, name: str, minimum: int) -> int:
     if int(value) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
     return int(value)
-
-
-def _check_alpha(alpha: float) -> float:
-    # NaN fails both comparisons, hence the negated form.
-    if not (0.0 < alpha < 1.0):
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
-    return float(alpha)
-
-
-def _check_futility(futility: float) -> float:
-    if isinstance(futility, bool) or not isinstance(futility, (int, float, np.integer, np.floating)):
-        raise ValueError(f"futility must be a number in (0, 1), got {futility!r}")
-    if not (0.0 < futility < 1.0):
-        raise ValueError(f"futility must lie in (0, 1), got {futility!r}")
-    return float(futility)
 
 
 def _check_sigma(sigma: float) -> float:
@@ -294,8 +279,8 @@ class SequentialPlan:
 
     def __post_init__(self) -> None:
         budget = _whole(self.budget, "budget", 1)
-        alpha = _check_alpha(self.alpha)
-        futility = _check_futility(self.futility)
+        alpha = check_level(self.alpha)
+        futility = check_level(self.futility, "futility")
         sigma = _check_sigma(self.sigma)
         radii = tuple(float(r) for r in self.radii)
         if not radii:
@@ -545,7 +530,7 @@ def certifiable_within_budget(
     against Phi(r / sigma)); when False, no input can be certified at ``radius``.
     """
     budget = _whole(budget, "budget", 1)
-    alpha = _check_alpha(alpha)
+    alpha = check_level(alpha)
     sigma = _check_sigma(sigma)
     n_looks = _looks_count(budget, _whole(first, "first", 1), _check_growth(growth))
     return lower_confidence_bound(budget, budget, alpha / n_looks) >= float(norm.cdf(radius / sigma))
@@ -572,7 +557,7 @@ def max_certifiable_radius_sequential(
             raise ValueError("with a budget, alpha and sigma must be given")
         budget = _whole(plan_or_budget, "budget", 1)
         n_looks = _looks_count(budget, _whole(first, "first", 1), _check_growth(growth))
-        level = _check_alpha(alpha) / n_looks
+        level = check_level(alpha) / n_looks
         sigma = _check_sigma(sigma)
     p = lower_confidence_bound(budget, budget, level)
     if p < 0.5:
@@ -602,7 +587,7 @@ def min_budget_for_radius(
     """
     first = _whole(first, "first", 1)
     g = _check_growth(growth)
-    alpha = _check_alpha(alpha)
+    alpha = check_level(alpha)
     sigma = _check_sigma(sigma)
     if not (math.isfinite(radius) and radius >= 0.0):
         raise ValueError(f"radius must be finite and >= 0, got {radius!r}")

@@ -30,6 +30,7 @@ __all__ = [
     "ABSTAIN",
     "Certificate",
     "certify",
+    "check_level",
     "lower_confidence_bound",
     "max_certifiable_radius",
     "predict",
@@ -58,10 +59,16 @@ class Certificate:
     abstain: bool
 
 
-def _check_alpha(alpha: float) -> None:
+def check_level(level: float, name: str = "alpha") -> float:
+    """Return a probability level (alpha, or sequential sampling's futility beta) as a float after
+    checking it lies strictly between 0 and 1; ValueError otherwise (bools and non-numbers too)."""
+    if isinstance(level, bool) or not isinstance(level, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number in (0, 1), got {level!r}")
     # NaN fails both comparisons, hence the negated form.
-    if not (0.0 < alpha < 1.0):
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    if not (0.0 < level < 1.0):
+        raise ValueError(f"{name} must lie in (0, 1), got {level!r}")
+    return float(level)
+
 
 
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
@@ -80,7 +87,7 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
         raise ValueError(f"n must be >= 1, got {n}")
     if not 0 <= n_a <= n:
         raise ValueError(f"n_a must lie in [0, n] = [0, {n}], got {n_a}")
-    _check_alpha(alpha)
+    check_level(alpha)
     if n_a == 0:
         return 0.0
     if n_a == n:
@@ -170,7 +177,7 @@ def predict(counts: np.ndarray, n: int, alpha: float) -> int:
     picks the lowest index, which only matters if the test passes anyway.
     """
     c = _check_counts(counts, n, "counts", "n")
-    _check_alpha(alpha)
+    check_level(alpha)
     top = int(np.argmax(c))
     n_a = int(c[top])
     # Second largest count: the largest once the top class is removed.
@@ -190,7 +197,7 @@ def max_certifiable_radius(n: int, alpha: float, sigma: float) -> float:
     """
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    _check_alpha(alpha)
+    check_level(alpha)
     if not sigma > 0:
         raise ValueError(f"sigma must be > 0, got {sigma!r}")
     p = lower_confidence_bound(int(n), int(n), alpha)

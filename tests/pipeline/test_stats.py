@@ -13,6 +13,7 @@ from pipeline.stats import (
     ABSTAIN,
     Certificate,
     certify,
+    check_level,
     lower_confidence_bound,
     max_certifiable_radius,
     predict,
@@ -54,6 +55,17 @@ def test_bound_monotone_in_count(n: int, alpha: float) -> None:
     counts = _grid_counts(n)
     bounds = [lower_confidence_bound(k, n, alpha) for k in counts]
     assert all(a < b for a, b in zip(bounds, bounds[1:]))
+
+
+@pytest.mark.parametrize("bad", [0, 1, 0.0, 1.0, -0.1, 1.5, float("nan"), float("inf"), True, "0.01", None])
+def test_check_level_refuses_what_is_not_a_probability_strictly_inside(bad: object) -> None:
+    with pytest.raises(ValueError, match="^futility must"):
+        check_level(bad, "futility")  # type: ignore[arg-type]
+
+
+def test_check_level_returns_plain_floats() -> None:
+    assert [type(check_level(x)) for x in (0.001, np.float32(0.25), np.float64(0.5))] == [float] * 3
+    assert check_level(np.float64(0.05), "futility") == 0.05
 
 
 def test_bound_monotone_in_alpha() -> None:
