@@ -70,7 +70,6 @@ def check_level(level: float, name: str = "alpha") -> float:
     return float(level)
 
 
-
 def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion.
 
