@@ -90,6 +90,7 @@ __all__ = [
     "FUTILITY",
     "GROWTH",
     "OPEN",
+    "PRACTICAL_BUDGET",
     "STATUSES",
     "STOPPING_RULE",
     "UNREACHABLE",
@@ -146,6 +147,11 @@ STOPPING_RULE: str = "cp-bonferroni-looks/curtailment-1"
 """Names the stopping rule below; a sequential run folder records it and is resumed only under the
 same one. Changed whenever the same counts and options could stop at another look (the previous
 rule, recorded as nothing, compared the futility bound with k* / budget instead of the pace)."""
+
+PRACTICAL_BUDGET: int = 10**9
+"""Largest --n that ``validate_radii`` names as the fix for an out-of-budget radius. A billion
+estimation draws are two weeks of A100 time for one CIFAR-10 image at the DDS speed Carlini et al.
+report (121 s per 100,000); beyond that it says to drop the radius or raise sigma instead."""
 
 CERTIFIED = "certified"
 """Status of a radius whose threshold the lower bound at this look reaches."""
@@ -695,11 +701,17 @@ def validate_radii(
                 continue
             limit = max_certifiable_radius_sequential(budget, alpha, sigma, first, growth)
             try:
-                need = f"needs --n >= {min_budget_for_radius(r, sigma, alpha, first, growth)}"
+                needed = min_budget_for_radius(r, sigma, alpha, first, growth)
             except ValueError:
-                need = "no --n can certify it"
+                needed = None
+            if needed is not None and needed <= PRACTICAL_BUDGET:
+                fix = f"needs --n >= {needed}, or drop that radius"
+            else:
+                # Past ~1e9 draws per image the exact figure helps nobody (and 1 - Phi(r / sigma)
+                # has lost most of its digits in double precision): say what to change instead.
+                need = "no --n can certify it" if needed is None else f"it needs about {needed:.0e} draws per image"
+                fix = f"{need}; drop that radius or certify it at a larger sigma"
             raise UserError(
-                f"radius {r} cannot be certified at sigma {sigma} with --n {budget} (at most {limit:.3f}): "
-                f"{need}, or drop that radius"
+                f"radius {r} cannot be certified at sigma {sigma} with --n {budget} (at most {limit:.3f}): {fix}"
             )
     return tuple(values)

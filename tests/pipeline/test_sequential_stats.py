@@ -25,6 +25,7 @@ from pipeline.sequential import (
     FUTILITY,
     GROWTH,
     OPEN,
+    PRACTICAL_BUDGET,
     UNREACHABLE,
     SequentialPlan,
     best_case_lower_bound,
@@ -594,5 +595,20 @@ def test_validate_radii_out_of_budget_names_radius_sigma_and_n() -> None:
     message = str(info.value)
     assert "radius 1.0" in message and "sigma 0.25" in message and f"--n >= {need}" in message
     assert "--n 10000" in message and "\n" not in message
-    with pytest.raises(UserError, match="no --n can certify"):
+    with pytest.raises(UserError, match="no --n can certify it; drop that radius or certify it at a larger sigma$"):
         validate_radii([10.0], [0.25], 10_000, 0.001)
+
+
+def test_validate_radii_past_a_practical_budget_says_drop_or_raise_sigma() -> None:
+    # 1.5 at sigma 0.25 (6 sigma) needs about 1e10 draws: a figure, but not one to pass as --n.
+    need = min_budget_for_radius(1.5, 0.25, 0.001)
+    assert need > PRACTICAL_BUDGET
+    with pytest.raises(UserError) as info:
+        validate_radii([0.5, 1.5], [0.25], 10_000, 0.001)
+    message = str(info.value)
+    assert "radius 1.5" in message and f"about {need:.0e} draws per image" in message
+    assert message.endswith("drop that radius or certify it at a larger sigma") and "--n >=" not in message
+    # The largest budget still named as --n.
+    assert min_budget_for_radius(1.4, 0.25, 0.001) <= PRACTICAL_BUDGET
+    with pytest.raises(UserError, match=r"needs --n >= \d+, or drop that radius$"):
+        validate_radii([1.4], [0.25], 10_000, 0.001)
