@@ -30,17 +30,24 @@ def _run_certify(ray_address: str | None, show_report: bool, dry_run: bool = Fal
 
     summary = certify_run(config, log=lambda m: click.echo(m, err=True), ray_address=ray_address)
     if show_report and len(summary.table):
-        from pipeline.cli.runs import sampling_notes
+        from pipeline.cli.runs import sampling_notes, sequential_radii_notes
         from pipeline.formats import accuracy_report
         from pipeline.plots import plot_certified_accuracy
         from workers import storage
 
-        radii = sorted({0.0, *[round(s * f, 3) for s in config.sigmas for f in (0.5, 1.0, 1.5, 2.0)]})
+        if config.sampling == "sequential":
+            # The radii the stopping rule decided: elsewhere a sequential table is not comparable.
+            decided = {config.out: tuple(config.radii)}
+            radii = list(config.radii)
+        else:
+            decided = {}
+            radii = sorted({0.0, *[round(s * f, 3) for s in config.sigmas for f in (0.5, 1.0, 1.5, 2.0)]})
         text, notes = accuracy_report(summary.table, radii)
         click.echo(text)
-        for note in notes + sampling_notes(summary.table):
+        plot_made = not storage.is_s3(config.out)
+        for note in notes + sampling_notes(summary.table) + sequential_radii_notes(decided, radii, plot_made):
             click.echo(f"note: {note}", err=True)
-        if not storage.is_s3(config.out):
+        if plot_made:
             plot = storage.join(config.out, "certified_accuracy.png")
             plot_certified_accuracy(summary.table, plot)
             click.echo(f"plot: {plot}")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import warnings
+from typing import Mapping, Sequence
 
 import click
 
-from pipeline.analysis import PartialRunWarning, check_local_output, export_per_group, export_tsv, load_runs
+from pipeline.analysis import PartialRunWarning, check_local_output, export_per_group, export_tsv, load_runs, read_manifest
 from pipeline.cli.errors import handle_user_errors
 from pipeline.formats import accuracy_report
 from pipeline.metrics import DEFAULT_BY, check_confidence, check_radii, sampling_savings
@@ -22,7 +23,7 @@ from pipeline.plots import plot_certified_accuracy
 from pipeline.status import format_status, run_status
 from workers.errors import UserError
 
-__all__ = ["export", "parse_radii", "report", "status"]
+__all__ = ["decided_radii", "export", "parse_radii", "report", "sequential_radii_notes", "status"]
 
 DEFAULT_RADII = "0 0.25 0.5 0.75 1.0"
 
@@ -112,6 +113,46 @@ def sampling_notes(df) -> list[str]:
     return [savings.describe(kind)]
 
 
+def decided_radii(runs: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """Per sequentially sampled run among ``runs``, the radii its stopping rule decided (--radii)."""
+    out: dict[str, tuple[float, ...]] = {}
+    for run in runs:
+        config = read_manifest(run).config
+        if config.get("sampling") == "sequential" and config.get("radii"):
+            out[run] = tuple(float(r) for r in config["radii"])
+    return out
+
+
+def _radii_text(radii: Sequence[float]) -> str:
+    return ", ".join(f"{r:g}" for r in radii)
+
+
+def sequential_radii_notes(decided: Mapping[str, Sequence[float]], radii: Sequence[float], plot: bool = False,
+                           name_runs: bool = False) -> list[str]:
+    """Notes for a table (and plot) of sequential runs at radii their stopping rule did not decide.
+
+    Why: a sequential row stops once its requested radii are settled, so its bound at the stop is
+    only as tight as those needed. Its certificate at any radius is still valid, but certified
+    accuracy at another radius can lie below what fixed sampling (all n draws) would report, and
+    comparisons with fixed runs hold at the requested radii only.
+    """
+    notes = []
+    for run, wanted in decided.items():
+        other = [r for r in radii if not any(abs(r - w) <= 1e-9 for w in wanted)]
+        if not other and not plot:
+            continue
+        where = f"{run}: " if name_runs else ""
+        shown = [f"r = {_radii_text(other)} in the table"] if other else []
+        if plot:
+            shown.append(f"the plot away from r = {_radii_text(wanted)}")
+        notes.append(
+            f"{where}sequential sampling decided r = {_radii_text(wanted)} only: rows stopped once those were settled, "
+            f"so certified accuracy elsewhere ({' and '.join(shown)}) is valid but can lie below fixed sampling's; "
+            f"compare runs at r = {_radii_text(wanted)}"
+        )
+    return notes
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -122,7 +163,8 @@ def sampling_notes(df) -> list[str]:
     default=DEFAULT_RADII,
     show_default=True,
     metavar="R...",
-    help="Radii (columns of the table): several numbers, e.g. --radii 0 0.25 0.5 or --radii 0,0.25,0.5.",
+    help="Radii (columns of the table): several numbers, e.g. --radii 0 0.25 0.5 or --radii 0,0.25,0.5. "
+         "Sequential runs of one --radii default to those radii.",
 )
 @click.option(
     "--format",
@@ -162,12 +204,17 @@ def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, c
     _notes_from_warnings(caught)
     if df.empty:
         raise UserError("no finished certificates yet; check progress with `densepure status RUN`")
+    decided = decided_radii(runs)
+    if click.get_current_context().get_parameter_source("radii") == click.core.ParameterSource.DEFAULT \
+            and len(decided) == len(runs) and len(set(decided.values())) == 1:
+        # Sequential runs of the same --radii: the columns they decided, not the generic grid.
+        radii_values = next(iter(decided.values()))
     # Several runs are separate experiments (e.g. two datasets): never pool them.
     by = (("run",) if len(runs) > 1 else ()) + DEFAULT_BY
     text, notes = accuracy_report(df, radii_values, fmt, by=by, confidence=confidence, acr=acr,
                                   best_sigma=best_sigma, best_votes=best_votes, union_bound=not naive_best)
     click.echo(text, nl=False)
-    for note in notes + sampling_notes(df):
+    for note in notes + sampling_notes(df) + sequential_radii_notes(decided, radii_values, bool(plot_path), len(runs) > 1):
         click.echo(f"note: {note}", err=True)
     if confidence is not None:
         click.echo(

@@ -491,3 +491,15 @@ def test_cli_export(tmp_path: Path) -> None:
     lines = out.read_text().splitlines()
     assert len(lines) == 5 and lines[1] == "0\t0\t0\t1.0\t1\t0:00:01.500000"
     assert f"wrote 4 rows to {out}" in ok.stderr
+
+
+def test_sequential_radii_notes_name_the_undecided_radii_and_the_run() -> None:
+    from pipeline.cli.runs import sequential_radii_notes
+
+    assert sequential_radii_notes({}, [0.0, 0.25]) == []  # no sequential run
+    assert sequential_radii_notes({"r": (0.25, 0.5)}, [0.25, 0.5]) == []  # exactly its radii
+    assert sequential_radii_notes({"r": (0.25, 0.5)}, [0.5]) == []  # a subset is comparable too
+    (note,) = sequential_radii_notes({"runs/a": (0.25, 0.5), "runs/b": (0.5,)}, [0.25, 0.5], plot=False, name_runs=True)
+    assert note.startswith("runs/b: sequential sampling decided r = 0.5 only") and "r = 0.25 in the table" in note
+    (note,) = sequential_radii_notes({"r": (0.25, 0.5)}, [0.25, 0.5], plot=True)
+    assert "the plot away from r = 0.25, 0.5" in note and "in the table" not in note and not note.startswith("r:")

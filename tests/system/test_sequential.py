@@ -89,3 +89,21 @@ def test_driver_killed_mid_sequential_run_then_rerun_gives_the_same_table(tmp_pa
     assert rerun.returncode == 0, rerun.stderr
     assert "units already done" in rerun.stderr
     pd.testing.assert_frame_equal(comparable(RunDir(str(out)).read_table()), table)
+
+
+def test_report_of_a_sequential_run_shows_its_radii_and_says_when_others_are_not_comparable(sequential_reference):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    _, out = sequential_reference
+    plain = CliRunner().invoke(main, ["report", out])
+    assert plain.exit_code == 0, plain.output
+    header = next(line for line in plain.stdout.splitlines() if line.startswith("| method"))
+    assert header.endswith("| r=0.25 | r=0.5 |")  # the radii the run decided, not the generic grid
+    assert "decided" not in plain.stderr
+    wider = CliRunner().invoke(main, ["report", out, "--radii", "0", "0.25", "0.5", "0.75"])
+    assert wider.exit_code == 0, wider.output
+    assert "r=0.75" in wider.stdout
+    note = next(line for line in wider.stderr.splitlines() if "decided" in line)
+    assert "decided r = 0.25, 0.5 only" in note and "r = 0, 0.75 in the table" in note and "plot" not in note
