@@ -61,7 +61,7 @@ class RunConfig:
                             "draws in rounds and stops once every --radii is decided (same per-row guarantee, "
                             "--n is the budget).", choices=SAMPLINGS)
     radii: list[float] | None = _option(None, "Radii sequential sampling must decide (sorted), e.g. 0.25,0.5,0.75.")
-    first_look: int = _option(FIRST_LOOK, "Sequential sampling: estimation draws at the first look.")
+    first_look: int = _option(FIRST_LOOK, "Sequential sampling: estimation draws at the first look (below --n).")
     look_growth: float = _option(GROWTH, "Sequential sampling: growth factor between looks.")
     futility: float = _option(FUTILITY, "Sequential sampling: level beta of the upper bound that gives a radius up when a "
                               "row is behind the pace the budget needs (power only; the certificates keep alpha).")
@@ -176,6 +176,12 @@ class RunConfig:
         except ValueError as exc:
             raise UserError(f"--look-growth {self.look_growth}: {exc}") from None
         self.radii = list(validate_radii(self.radii, self.sigmas, self.n, self.alpha, self.first_look, self.look_growth))
+        if self.first_look >= self.n:
+            # One look at the budget: fixed sampling at the cost of a sequential folder. Surely a slip.
+            raise UserError(
+                f"--first-look {self.first_look} is not below --n {self.n}, so sequential sampling would look only "
+                f"at the budget (fixed sampling): lower --first-look (default {FIRST_LOOK}) or use --sampling fixed"
+            )
 
     def validate_sampler(self, flags: dict | None) -> None:
         """Refuse sigma/steps combinations the denoiser's schedule cannot sample, from its flags alone

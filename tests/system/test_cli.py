@@ -65,6 +65,8 @@ def wrong_checkpoint(tmp_path_factory) -> Path:
         (["--sampling", "sequential", "--radii", "-1"], [">= 0"]),
         (["--sampling", "sequential", "--radii", "0.25,0.25"], ["twice"]),
         (["--sampling", "sequential", "--radii", "0.5", "--n0", "10", "--n", "30"], ["radius 0.5 cannot be certified", "needs --n >="]),
+        (["--sampling", "sequential", "--radii", "0.1", "--n0", "10", "--n", "100"], ["--first-look 100 is not below --n 100", "fixed sampling"]),
+        (["--sampling", "sequential", "--radii", "0.25", "--first-look", "5000", "--n", "5000"], ["--first-look 5000 is not below --n 5000"]),
         (["--sampling", "sequential", "--radii", "0.25", "--futility", "0"], ["--futility must lie strictly between 0 and 1"]),
         (["--sampling", "sequential", "--radii", "0.25", "--futility", "1"], ["--futility must lie strictly between 0 and 1"]),
         (["--sampling", "magic"], ["--sampling"]),
