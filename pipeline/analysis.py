@@ -124,7 +124,8 @@ def load_run(run: str) -> pd.DataFrame:
     failed, or complete without its final table) is rebuilt from the unit log with
     ``pipeline.aggregate.table_from_units``; it then only holds the (image, sigma,
     method) triples whose draws are all logged, ``df.attrs["partial"]`` is True and
-    a :class:`PartialRunWarning` says how many units are done.
+    a :class:`PartialRunWarning` says how many units are done. ``df.attrs["decided_radii"]`` holds
+    the radii a sequential run's stopping rule decided (its --radii), () for fixed sampling.
     """
     manifest = read_manifest(run)
     df, units = read_table(run, manifest)
@@ -145,14 +146,18 @@ def load_run(run: str) -> pd.DataFrame:
         df = df.drop(columns="run")
     df.insert(0, "run", run)
     df.attrs["partial"] = partial
+    config = manifest.config
+    df.attrs["decided_radii"] = tuple(float(r) for r in config.get("radii") or ()) \
+        if config.get("sampling") == "sequential" else ()
     return df
 
 
 def load_runs(runs: Sequence[str]) -> pd.DataFrame:
     """Concatenation of :func:`load_run` over ``runs``.
 
-    ``attrs["partial"]`` is True if any run is partial, and
-    ``attrs["partial_runs"]`` lists those runs.
+    ``attrs["partial"]`` is True if any run is partial,
+    ``attrs["partial_runs"]`` lists those runs, and ``attrs["decided_radii"]`` maps each
+    sequential run to the radii its stopping rule decided.
     """
     if isinstance(runs, str):
         runs = [runs]
@@ -160,12 +165,14 @@ def load_runs(runs: Sequence[str]) -> pd.DataFrame:
         raise UserError("no run given; pass at least one run folder")
     frames = [load_run(r) for r in runs]
     partial_runs = [r for r, f in zip(runs, frames) if f.attrs.get("partial")]
+    decided = {r: f.attrs["decided_radii"] for r, f in zip(runs, frames) if f.attrs.get("decided_radii")}
     for f in frames:
         # concat keeps attrs only when they agree; they are recomputed below.
         f.attrs = {}
     df = pd.concat(frames, ignore_index=True)
     df.attrs["partial"] = bool(partial_runs)
     df.attrs["partial_runs"] = partial_runs
+    df.attrs["decided_radii"] = decided
     return df
 
 

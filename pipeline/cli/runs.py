@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import click
 
-from pipeline.analysis import PartialRunWarning, check_local_output, export_per_group, export_tsv, load_runs, read_manifest
+from pipeline.analysis import PartialRunWarning, check_local_output, export_per_group, export_tsv, load_runs
 from pipeline.cli.errors import handle_user_errors
 from pipeline.formats import accuracy_report
 from pipeline.metrics import DEFAULT_BY, check_confidence, check_radii, sampling_savings
@@ -23,7 +23,7 @@ from pipeline.plots import plot_certified_accuracy
 from pipeline.status import format_status, run_status
 from workers.errors import UserError
 
-__all__ = ["decided_radii", "export", "parse_radii", "report", "sequential_radii_notes", "status"]
+__all__ = ["export", "parse_radii", "report", "sequential_radii_notes", "status"]
 
 DEFAULT_RADII = "0 0.25 0.5 0.75 1.0"
 
@@ -113,16 +113,6 @@ def sampling_notes(df) -> list[str]:
     return [savings.describe(kind)]
 
 
-def decided_radii(runs: Sequence[str]) -> dict[str, tuple[float, ...]]:
-    """Per sequentially sampled run among ``runs``, the radii its stopping rule decided (--radii)."""
-    out: dict[str, tuple[float, ...]] = {}
-    for run in runs:
-        config = read_manifest(run).config
-        if config.get("sampling") == "sequential" and config.get("radii"):
-            out[run] = tuple(float(r) for r in config["radii"])
-    return out
-
-
 def _radii_text(radii: Sequence[float]) -> str:
     return ", ".join(f"{r:g}" for r in radii)
 
@@ -204,7 +194,7 @@ def report(runs: tuple[str, ...], radii: str, fmt: str, plot_path: str | None, c
     _notes_from_warnings(caught)
     if df.empty:
         raise UserError("no finished certificates yet; check progress with `densepure status RUN`")
-    decided = decided_radii(runs)
+    decided = df.attrs["decided_radii"]
     if click.get_current_context().get_parameter_source("radii") == click.core.ParameterSource.DEFAULT \
             and len(decided) == len(runs) and len(set(decided.values())) == 1:
         # Sequential runs of the same --radii: the columns they decided, not the generic grid.

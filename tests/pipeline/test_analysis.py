@@ -339,7 +339,7 @@ def test_load_complete_run(tmp_path: Path) -> None:
     assert df.attrs["partial"] is False
     assert (df["run"] == run).all() and len(df) == 16
     both = load_runs([run, write_run(tmp_path / "run2", known_table())])
-    assert len(both) == 32 and both.attrs == {"partial": False, "partial_runs": []}
+    assert len(both) == 32 and both.attrs == {"partial": False, "partial_runs": [], "decided_radii": {}}
 
 
 def test_load_run_missing_manifest(tmp_path: Path) -> None:

@@ -97,6 +97,9 @@ def test_report_of_a_sequential_run_shows_its_radii_and_says_when_others_are_not
     from pipeline.cli import main
 
     _, out = sequential_reference
+    from pipeline.analysis import load_runs
+
+    assert load_runs([out]).attrs["decided_radii"] == {out: (0.25, 0.5)}
     plain = CliRunner().invoke(main, ["report", out])
     assert plain.exit_code == 0, plain.output
     header = next(line for line in plain.stdout.splitlines() if line.startswith("| method"))
